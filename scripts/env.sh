@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create (once) the project's virtual environment in .venv with the pinned stack, then activate it.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null 2>&1 || py=python3
+if [ ! -x "$root/.venv/bin/python" ] || [ "$root/pyproject.toml" -nt "$root/.venv/.deployq-installed" ]; then
+  echo "deployq: setting up $root/.venv (first run takes about a minute)" >&2
+  "$py" -m venv "$root/.venv"
+  "$root/.venv/bin/python" -m pip install -q --upgrade pip
+  "$root/.venv/bin/python" -m pip install -q -e "$root[dev]"
+  touch "$root/.venv/.deployq-installed"
+fi
+# shellcheck disable=SC1091
+. "$root/.venv/bin/activate"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" MXNET_SUBGRAPH_VERBOSE=0 PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
