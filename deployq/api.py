@@ -281,8 +281,9 @@ class Trainer(gluon.Trainer):
     first tracked range."""
 
     def step(self, batch_size, ignore_stale_grad=False):
-        super().step(batch_size, ignore_stale_grad)
+        # sync first: gluon's first step initialises its kvstore from context 0 and broadcasts it
         self.sync()
+        super().step(batch_size, ignore_stale_grad)
 
     def sync(self) -> None:
         by_name = {p.name: p for p in self._params}
@@ -291,8 +292,8 @@ class Trainer(gluon.Trainer):
                 arrs = p.list_data()
                 if len(arrs) > 1:
                     stack = mx.nd.stack(*[a.as_in_context(arrs[0].context) for a in arrs])
-                    merged = mx.nd.concat(stack[:, 0:1].min(0), stack[:, 1:2].max(0), stack[:, 2:4].max(0),
-                                          dim=0)
+                    mins, maxs = stack.min(axis=0), stack.max(axis=0)
+                    merged = mx.nd.concat(mins[0:1], maxs[1:4], dim=0)
                     for a in arrs:
                         a[:] = merged.as_in_context(a.context)
                 if name.endswith("input_state"):
