@@ -1,0 +1,79 @@
+"""Attach quantization thresholds from a deployq scale file (docs/design.md) to the IR's tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from deployq.naming import structure_fingerprint
+
+from .ir import Graph, GraphError, TensorQuant
+from .mxnet_lower import to_symbol
+
+SCHEMA, VERSION = "deployq.scales", 1
+
+
+def graph_fingerprint(g: Graph) -> str:
+    """``deployq.naming.structure_fingerprint`` of the graph's fp32 symbol."""
+    return structure_fingerprint(to_symbol(g)[0].tojson())
+
+
+def load_scale_file(path: str | Path) -> dict[str, Any]:
+    """Read and check a scale-file JSON (schema and version)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise GraphError(f"{path}: cannot read the scale file: {e}") from None
+    check_scales(d, str(path))
+    return d
+
+
+def check_scales(scales: dict[str, Any], where: str = "scale file") -> None:
+    if scales.get("schema") != SCHEMA or scales.get("version") != VERSION:
+        raise GraphError(f"{where}: unknown scale-file schema/version {scales.get('schema')!r}/"
+                         f"{scales.get('version')!r}; expected {SCHEMA!r}/{VERSION}")
+    if not isinstance(scales.get("tensors"), dict):
+        raise GraphError(f"{where}: no 'tensors' table")
+
+
+def annotate(g: Graph, scales: dict[str, Any], where: str = "scale file", check_fingerprint: bool = True,
+             fingerprint: str | None = None) -> Graph:
+    """A copy of ``g`` whose tensors carry the scale file's thresholds (``Graph.quant``).
+
+    An entry names its tensor by ``tensor`` (``<layer>:input`` keys) or by its key; names are resolved
+    through ``g.aliases`` (a BN output folded into its conv). The model fingerprint must match ``fingerprint``
+    (default: this graph's). Entries for tensors the graph does not have raise an error naming them.
+    """
+    check_scales(scales, where)
+    if check_fingerprint:
+        want = (scales.get("model") or {}).get("fingerprint")
+        have = fingerprint or graph_fingerprint(g)
+        if want and want != have:
+            raise GraphError(f"{where}: scale file is for model {scales['model'].get('name')!r} "
+                             f"(fingerprint {want}), not for {g.name!r} ({have})")
+    g = g.copy()
+    known = set(g.tensors())
+    unknown = []
+    for key, e in scales["tensors"].items():
+        tensor = g.resolve(e.get("tensor") or _layer_input(g, key))
+        if tensor not in known:
+            unknown.append(key)
+            continue
+        t = float(e["threshold"])
+        g.quant[tensor] = TensorQuant(t, float(e.get("lo", -t)), float(e.get("hi", t)), source=where)
+    if unknown:
+        raise GraphError(f"{where}: entries name tensors that model {g.name!r} does not have: "
+                         f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+    return g
+
+
+def _layer_input(g: Graph, key: str) -> str:
+    """``<layer>:input`` -> the layer's input tensor; any other key is a tensor name."""
+    if key.endswith(":input"):
+        layer = key.removesuffix(":input")
+        for n in g.nodes:
+            if n.name == layer:
+                return n.inputs[0]
+        return layer
+    return key

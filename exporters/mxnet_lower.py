@@ -1,0 +1,107 @@
+"""IR -> plain MXNet symbol: the executor used to check passes, calibrate, simulate and write MXNet files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import mxnet as mx
+import numpy as np
+
+from .ir import Graph, Node
+
+#: ``hook(tensor_name, symbol) -> symbol``: rewrites a tensor as it is produced (fake quantization).
+TensorHook = Callable[[str, mx.sym.Symbol], mx.sym.Symbol]
+AUX_ROLES = ("moving_mean", "moving_var")
+
+
+def _op_symbol(n: Node, xs: list[mx.sym.Symbol], p: dict[str, mx.sym.Symbol]) -> mx.sym.Symbol:
+    a, name = n.attrs, n.name
+    if n.op == "Convolution":
+        return mx.sym.Convolution(xs[0], p["weight"], p.get("bias"), kernel=a["kernel"], stride=a["stride"],
+                                  dilate=a["dilate"], pad=a["pad"], num_filter=a["num_filter"],
+                                  num_group=a["num_group"], no_bias="bias" not in p, name=name)
+    if n.op == "FullyConnected":
+        return mx.sym.FullyConnected(xs[0], p["weight"], p.get("bias"), num_hidden=a["num_hidden"],
+                                     no_bias="bias" not in p, flatten=a["flatten"], name=name)
+    if n.op == "BatchNorm":
+        return mx.sym.BatchNorm(xs[0], p["gamma"], p["beta"], p["moving_mean"], p["moving_var"], eps=a["eps"],
+                                fix_gamma=a["fix_gamma"], use_global_stats=a["use_global_stats"],
+                                axis=a["axis"], name=name)
+    if n.op == "Activation":
+        return mx.sym.Activation(xs[0], act_type=a["act_type"], name=name)
+    if n.op == "clip":
+        return mx.sym.clip(xs[0], a_min=a["a_min"], a_max=a["a_max"], name=name)
+    if n.op == "LeakyReLU":
+        return mx.sym.LeakyReLU(xs[0], act_type=a["act_type"], slope=a["slope"], name=name)
+    if n.op == "Pooling":
+        kw = {} if a["count_include_pad"] is None else {"count_include_pad": a["count_include_pad"]}
+        return mx.sym.Pooling(xs[0], kernel=a["kernel"], stride=a["stride"], pad=a["pad"],
+                              pool_type=a["pool_type"], global_pool=a["global_pool"],
+                              pooling_convention=a["pooling_convention"], name=name, **kw)
+    if n.op == "Flatten":
+        return mx.sym.Flatten(xs[0], name=name)
+    if n.op == "elemwise_add":
+        return mx.sym.elemwise_add(*xs, name=name)
+    if n.op == "broadcast_add":
+        return mx.sym.broadcast_add(*xs, name=name)
+    if n.op == "broadcast_mul":
+        return mx.sym.broadcast_mul(*xs, name=name)
+    if n.op == "Concat":
+        return mx.sym.Concat(*xs, dim=a["dim"], num_args=len(xs), name=name)
+    if n.op == "Dropout":
+        return mx.sym.Dropout(xs[0], p=a["p"], mode=a["mode"], name=name)
+    if n.op == "softmax":
+        kw = {} if a["temperature"] is None else {"temperature": a["temperature"]}
+        return mx.sym.softmax(xs[0], axis=a["axis"], name=name, **kw)
+    if n.op == "SoftmaxActivation":
+        return mx.sym.SoftmaxActivation(xs[0], mode=a["mode"], name=name)
+    if n.op == "SoftmaxOutput":  # inference forward of SoftmaxOutput == instance softmax over flattened input
+        mode = "channel" if a["multi_output"] else "instance"
+        return mx.sym.SoftmaxActivation(xs[0], mode=mode, name=name)
+    raise ValueError(f"mxnet_lower: node {name}: no lowering for op {n.op}")
+
+
+def to_symbol(graph: Graph, hook: TensorHook | None = None, outputs: Iterable[str] | None = None
+              ) -> tuple[mx.sym.Symbol, dict[str, mx.nd.NDArray], dict[str, mx.nd.NDArray]]:
+    """The IR as an MXNet symbol plus ``arg_params``/``aux_params`` (names = IR param keys).
+
+    ``hook`` may rewrite each activation tensor (the input included) as it is produced; ``outputs`` selects
+    the tensors to return (default: the graph outputs).
+    """
+    hook = hook or (lambda _t, s: s)
+    syms: dict[str, mx.sym.Symbol] = {graph.input_name: hook(graph.input_name, mx.sym.var(graph.input_name))}
+    pvars = {k: mx.sym.var(k) for k in graph.params}
+    for n in graph.nodes:
+        s = _op_symbol(n, [syms[t] for t in n.inputs], {r: pvars[k] for r, k in n.params.items()})
+        syms[n.output] = hook(n.output, s)
+    outs = [syms[t] for t in (outputs or graph.outputs)]
+    sym = outs[0] if len(outs) == 1 else mx.sym.Group(outs)
+    aux_keys = {k for n in graph.nodes for r, k in n.params.items() if r in AUX_ROLES}
+    args = {k: mx.nd.array(v) for k, v in graph.params.items() if k not in aux_keys}
+    aux = {k: mx.nd.array(v) for k, v in graph.params.items() if k in aux_keys}
+    return sym, args, aux
+
+
+def run_symbol(sym: mx.sym.Symbol, args: dict[str, mx.nd.NDArray], aux: dict[str, mx.nd.NDArray],
+               x: np.ndarray, batch_size: int = 250) -> list[np.ndarray]:
+    """Run ``sym`` (inference) on NumPy images ``x`` in batches; one array per symbol output."""
+    outs: list[list[np.ndarray]] = []
+    exe = None
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        if exe is None or exe.arg_dict["data"].shape != xb.shape:
+            feed = dict(args, data=mx.nd.array(xb))
+            exe = sym.bind(mx.cpu(), feed, aux_states=aux, grad_req="null")
+        else:
+            exe.arg_dict["data"][:] = xb
+        res = exe.forward(is_train=False)
+        outs.append([r.asnumpy() for r in res])
+    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+
+
+def run(graph: Graph, x: np.ndarray, outputs: Iterable[str] | None = None, hook: TensorHook | None = None,
+        batch_size: int = 250) -> dict[str, np.ndarray]:
+    """Run the graph on NumPy ``x``; ``{tensor: array}`` for ``outputs`` (default: the graph outputs)."""
+    names = list(outputs or graph.outputs)
+    sym, args, aux = to_symbol(graph, hook, names)
+    return dict(zip(names, run_symbol(sym, args, aux, np.asarray(x, np.float32), batch_size), strict=True))
