@@ -4,12 +4,20 @@ bypass used when a BatchNorm is folded into the preceding convolution during tra
 Each quantized layer keeps the original parameters (same structural names) and adds:
 
 - ``input_state`` ``[lo, hi, initialized, steps]``: the tracked input range (moving average initialised from the
-  first training batch, updated automatically in training by the ``deployq_range`` operator) and the number of
-  training steps seen (for ``quant_start_step``);
+  first training batch, updated automatically in training) and the number of training steps seen (for
+  ``quant_start_step``);
 - ``output_state`` when outputs are quantized; ``weight_lsq_step`` / ``input_lsq_step`` for LSQ.
 
 Weights are quantized after BatchNorm folding when the layer trains with fake BN (running statistics, the
 BatchNorm's own eps; batch statistics of the raw, unfolded convolution update the running statistics).
+
+How state is updated inside a hybridized graph: MXNet's BatchNorm assigns
+``moving_mean <- momentum * moving_mean + (1 - momentum) * batch_mean`` in its *backward* pass, and only in
+training. A BatchNorm with ``momentum=0`` over a ``(1, K)`` tensor therefore writes that tensor into its moving
+mean exactly. deployq computes the new state in the forward (``_assign``), and the write happens in the
+backward, after every read. An ``*_anchor`` parameter (``fix_gamma``: never used, lr/wd multipliers 0) keeps
+that BatchNorm on the gradient path, and ``*_scratch`` receives its (unused) moving variance. No custom
+operator, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -21,7 +29,6 @@ import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from . import ops  # noqa: F401  (registers the custom operators)
 from .config import LayerConfig
 from .fakequant import fake_quantize, grad_scale, scale_from_threshold
 from .profiles import Profile, TensorGrid
@@ -46,6 +53,20 @@ class BypassBatchNorm(nn.BatchNorm):
         if self._dq_bypass:
             return x
         return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var)
+
+
+def _assign(F, state, value, scratch, anchor):
+    """Schedule ``state <- value`` for the backward pass of a training step (see the module docstring);
+    returns a zero that must be added into the gradient path."""
+    fed = F.reshape(F.BlockGrad(value), (1, -1))
+    b = F.BatchNorm(fed, anchor, F.zeros_like(anchor), state, scratch, momentum=0.0, fix_gamma=True,
+                    use_global_stats=False, eps=1e-5)
+    return F.sum(b) * 0
+
+
+def _is_train(F, like):
+    """1 in a training forward, 0 in inference (Dropout is the identity outside training)."""
+    return F.Dropout(F.ones_like(like), p=0.5) != 1
 
 
 def _reduce_absmax(F, w, granularity: str, groups: int, out_channels: int, ndim: int):
@@ -74,18 +95,22 @@ class _QuantMixin:
         self.bn_path = bn_path
         self._dq_bn_kwargs = dict(bn._kwargs) if bn is not None else None
         ctx = self.weight.list_ctx() if self.weight._data is not None else None
+        states = [("input_state", 4)] + ([("output_state", 4)] if cfg.output is not None else [])
+        if bn is not None:
+            states.append(("bn_state", int(bn.running_mean.shape[0])))
+        new = []
         with self.name_scope():
-            self.input_state = self.params.get("input_state", shape=(4,), init=mx.init.Zero(),
-                                               grad_req="null", differentiable=False)
-            if cfg.output is not None:
-                self.output_state = self.params.get("output_state", shape=(4,), init=mx.init.Zero(),
-                                                    grad_req="null", differentiable=False)
+            for name, k in states:
+                if name != "bn_state":
+                    new.append(self._add_param(name, (k,), mx.init.Zero(), grad_req="null", differentiable=False))
+                new.append(self._add_param(name + "_scratch", (k,), mx.init.Zero(), grad_req="null",
+                                           differentiable=False))
+                new.append(self._add_param(name + "_anchor", (k,), mx.init.One(), lr_mult=0.0, wd_mult=0.0))
             if algorithm == "lsq" and cfg.input is not None:
-                self.input_lsq_step = self.params.get("input_lsq_step", shape=(1,), init=mx.init.Zero())
-        for name in ("input_state", "output_state", "input_lsq_step"):
-            p = getattr(self, name, None)
-            if p is not None and p._data is None and p._deferred_init == ():
-                p.initialize(ctx=ctx)
+                new.append(self._add_param("input_lsq_step", (1,), mx.init.Zero()))
+        for prm in new:
+            if prm._data is None and prm._deferred_init == ():
+                prm.initialize(ctx=ctx)
         if bn is not None:
             for src, dst in (("gamma", "bn_gamma"), ("beta", "bn_beta"), ("running_mean", "bn_running_mean"),
                              ("running_var", "bn_running_var")):
@@ -98,6 +123,11 @@ class _QuantMixin:
                                                        init=mx.init.Constant(0.0))
             self.weight_lsq_step.initialize(ctx=ctx)
             self.weight_lsq_step.set_data(mx.nd.array(init))
+
+    def _add_param(self, name: str, shape: tuple[int, ...], init, **kw):
+        prm = self.params.get(name, shape=shape, init=init, **kw)
+        setattr(self, name, prm)
+        return prm
 
     # ------------------------------------------------------------------ properties used by the forward
     @property
@@ -125,15 +155,24 @@ class _QuantMixin:
         return (2 * m / math.sqrt(grid.qmax)).astype(np.float32)
 
     # ------------------------------------------------------------------ activations
-    def _quant_activation(self, F, x, state, grid: TensorGrid | None, lsq_step=None):
+    def _quant_activation(self, F, x, state, scratch, anchor, grid: TensorGrid | None, lsq_step=None):
         """Track the range of ``x`` and fake-quantize it; returns (x̂, steps_before, is_train)."""
-        bl = F.reshape(F.min(x), (1,))
-        bh = F.reshape(F.max(x), (1,))
-        rule = "minmax" if self.algorithm == "observer" else "ema"
-        r = F.BlockGrad(F.Custom(F.BlockGrad(F.concat(bl, bh, dim=0)), state, op_type="deployq_range",
-                                 momentum=self._dq_momentum, rule=rule))
-        lo, hi = F.slice_axis(r, axis=0, begin=0, end=1), F.slice_axis(r, axis=0, begin=1, end=2)
-        steps, is_train = F.slice_axis(r, axis=0, begin=2, end=3), F.slice_axis(r, axis=0, begin=3, end=4)
+        bl = F.BlockGrad(F.reshape(F.min(x), (1,)))
+        bh = F.BlockGrad(F.reshape(F.max(x), (1,)))
+        old_lo, old_hi = F.slice_axis(state, axis=0, begin=0, end=1), F.slice_axis(state, axis=0, begin=1, end=2)
+        init = F.slice_axis(state, axis=0, begin=2, end=3) > 0.5
+        steps = F.slice_axis(state, axis=0, begin=3, end=4)
+        if self.algorithm == "observer":
+            new_lo, new_hi = F.minimum(old_lo, bl), F.maximum(old_hi, bh)
+        else:
+            m = self._dq_momentum
+            new_lo, new_hi = m * old_lo + (1 - m) * bl, m * old_hi + (1 - m) * bh
+        new_lo, new_hi = F.where(init, new_lo, bl), F.where(init, new_hi, bh)
+        pin = _assign(F, state, F.concat(new_lo, new_hi, F.ones_like(bl), steps + 1, dim=0), scratch, anchor)
+        is_train = _is_train(F, bl)
+        lo = F.where(is_train, new_lo, F.where(init, old_lo, bl))
+        hi = F.where(is_train, new_hi, F.where(init, old_hi, bh))
+        self._pins.append(pin)
         if grid is None:
             return x, steps, is_train
         if self.layer_config.input_mode == "online":
@@ -211,8 +250,14 @@ class _QuantMixin:
         mean = F.mean(y, axis=(0, 2, 3))
         var = F.mean(F.square(F.broadcast_sub(y, F.reshape(mean, (1, -1, 1, 1)))), axis=(0, 2, 3))
         m = kw.get("momentum", 0.9)
-        rm = F.BlockGrad(F.Custom(F.BlockGrad(mean), p["bn_running_mean"], op_type="deployq_ema", momentum=m))
-        rv = F.BlockGrad(F.Custom(F.BlockGrad(var), p["bn_running_var"], op_type="deployq_ema", momentum=m))
+        old_m, old_v = p["bn_running_mean"], p["bn_running_var"]
+        new_m = m * old_m + (1 - m) * F.BlockGrad(mean)
+        new_v = m * old_v + (1 - m) * F.BlockGrad(var)
+        self._pins.append(_assign(F, old_m, new_m, p["bn_state_scratch"], p["bn_state_anchor"]))
+        self._pins.append(_assign(F, old_v, new_v, p["bn_state_scratch"], p["bn_state_anchor"]))
+        is_train = _is_train(F, F.slice_axis(old_m, axis=0, begin=0, end=1))
+        rm = F.broadcast_add(F.broadcast_mul(is_train, new_m - old_m), old_m)
+        rv = F.broadcast_add(F.broadcast_mul(is_train, new_v - old_v), old_v)
         return self._fold_with(F, weight, bias, p, rm, rv)
 
     def _fold_with(self, F, weight, bias, p, rm, rv):
@@ -231,7 +276,9 @@ class _QuantMixin:
         if self._dq_float:
             return super().hybrid_forward(F, x, weight, bias)
         cfg = self.layer_config
-        xq, steps, is_train = self._quant_activation(F, x, p["input_state"], cfg.input, p.get("input_lsq_step"))
+        self._pins = []
+        xq, steps, is_train = self._quant_activation(F, x, p["input_state"], p["input_state_scratch"],
+                                                     p["input_state_anchor"], cfg.input, p.get("input_lsq_step"))
         if self._dq_bn_kwargs is not None:
             w, b = self._fold(F, xq, weight, bias, p)
         else:
@@ -244,11 +291,15 @@ class _QuantMixin:
         if self.algorithm == "observer":
             xq = xq + F.broadcast_mul(is_train, x - xq)
             wq = wq + F.broadcast_mul(is_train, w - wq)
+        wq = F.broadcast_add(wq, F.add_n(*self._pins))  # adds 0; keeps the state updates on the gradient path
         out = self._layer(F, xq, wq, b)
         if self.act is not None:
             out = self.act(out)
         if cfg.output is not None:
-            out, _, _ = self._quant_activation(F, out, p["output_state"], cfg.output)
+            self._pins = []
+            out, _, _ = self._quant_activation(F, out, p["output_state"], p["output_state_scratch"],
+                                               p["output_state_anchor"], cfg.output)
+            out = F.broadcast_add(out, self._pins[0])
         return out
 
     # ------------------------------------------------------------------ NumPy views for exporters
