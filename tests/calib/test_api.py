@@ -192,3 +192,14 @@ def test_class_balanced_sampler_deterministic():
     assert np.array_equal(a, b) and len(a) == 50
     assert np.bincount(y[a]).tolist() == [5] * 10
     assert not np.array_equal(a, class_balanced_sampler(y, 5, seed=4))
+
+
+def test_cli_register_parses():
+    import argparse
+
+    from deployq.calib.cli import register
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(["calibrate", "resnet20", "--method", "mse", "--num-sample", "3", "--out", "s.json",
+                           "--report", "--quiet"])
+    assert (a.model, a.method, a.num_sample, a.out, a.report, a.quiet) == ("resnet20", "mse", 3, "s.json", True, True)
