@@ -18,9 +18,9 @@ import warnings
 
 import mxnet as mx
 import numpy as np
+from deployq.calib import CALIBRATORS, apply, calibrate
 from mxnet import gluon
 
-from deployq.calib import CALIBRATORS, apply, calibrate
 from deployq.data import class_balanced_subset, load_mnist5k
 from deployq.zoo import evaluate, get_trained
 

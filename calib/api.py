@@ -16,7 +16,7 @@ from .. import __version__
 from ..data import class_balanced_subset
 from ..profiles import Profile, load_profile
 from ..progress import progress
-from .base import Calibrator, CalibrationError, get_calibrator
+from .base import CalibrationError, Calibrator, get_calibrator
 from .collect import ActivationTap, trace
 from .histogram import abs_histogram
 from .scalefile import ScaleFile, ScaleFileError, TensorRange, quant_params

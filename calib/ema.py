@@ -7,8 +7,8 @@ threshold = max(|ema_lo|, |ema_hi|). Values beyond it are clipped, but how many 
 
 from __future__ import annotations
 
-from .base import Calibrator, register
 from ..profiles import TensorGrid
+from .base import Calibrator, register
 
 
 @register

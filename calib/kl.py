@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Calibrator, register
 from ..profiles import TensorGrid
+from .base import Calibrator, register
 
 KL_EPS = 1e-4
 

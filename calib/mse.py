@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Calibrator, register
 from ..profiles import TensorGrid
+from .base import Calibrator, register
 
 
 def mse_errors(hist: np.ndarray, absmax: float, qmax: int) -> np.ndarray:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Calibrator, register
 from ..profiles import TensorGrid
+from .base import Calibrator, register
 
 
 def percentile_from_histogram(hist: np.ndarray, zeros: int, absmax: float, percentile: float) -> float:

@@ -7,11 +7,17 @@ import warnings
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import gluon
-
-from deployq.calib import (CalibrationError, CalibrationWarning, ScaleFileError, calibrate, class_balanced_sampler,
-                           load, report)
+from deployq.calib import (
+    CalibrationError,
+    CalibrationWarning,
+    ScaleFileError,
+    calibrate,
+    class_balanced_sampler,
+    load,
+    report,
+)
 from deployq.calib.scalefile import ScaleFile
+from mxnet import gluon
 
 
 class Net(gluon.HybridBlock):

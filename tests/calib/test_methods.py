@@ -4,12 +4,12 @@ import math
 
 import numpy as np
 import pytest
-
 from deployq.calib.base import get_calibrator
 from deployq.calib.histogram import abs_histogram
 from deployq.calib.kl import kl_best_bin
 from deployq.calib.mse import mse_errors
 from deployq.calib.percentile import percentile_from_histogram
+
 from deployq.profiles import load_profile
 
 
