@@ -1,0 +1,135 @@
+"""The calibrator interface and the name -> class registry.
+
+A calibrator sees one tensor. The collector (``deployq.calib.collect``) feeds it, per batch, the batch range
+(``update_range``) during one or more *range passes* and, for histogram methods, one streamed histogram of
+``|x|`` over ``[0, absmax]`` (``update_histogram``) during a second pass. ``compute()`` returns a
+:class:`RangeResult`. State never grows with the number of images: a few floats, or one fixed-size histogram.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..profiles import TensorGrid
+
+
+class CalibrationError(ValueError):
+    """Bad calibration input (empty data, NaN/Inf activations, a constant-zero tensor, wrong model ...)."""
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    """What a calibrator decides for one tensor.
+
+    ``threshold`` is the clipping threshold T in float units (symmetric grids clip to [-T, T]); ``lo``/``hi``
+    the float range actually represented; ``clipped_share`` the share of (non-zero, for KL) values beyond T,
+    or None where the method cannot know it (EMA sees only per-batch ranges)."""
+
+    threshold: float
+    lo: float
+    hi: float
+    clipped_share: float | None
+
+
+class Calibrator:
+    """Base class: tracks the observed range of one tensor; subclasses choose the threshold.
+
+    :param grid: the activation grid of the profile (bits, signedness) the range is for.
+    """
+
+    name: ClassVar[str] = ""
+    #: number of passes over the data that call ``update_range`` (EMA may use several)
+    range_passes: ClassVar[int] = 1
+    #: whether a second pass streams a histogram of |x| over [0, absmax]
+    uses_histogram: ClassVar[bool] = False
+
+    def __init__(self, grid: TensorGrid | None = None):
+        self.grid = grid or TensorGrid()
+        self.min = np.inf
+        self.max = -np.inf
+        self.count = 0
+        self.num_bins = getattr(self, "num_bins", 2048)
+        self.hist: np.ndarray | None = None  # counts of |x| in num_bins bins over [0, absmax], zeros excluded
+        self.zeros = 0
+
+    # -- feeding -------------------------------------------------------------------------------------------
+    def update_range(self, lo: float, hi: float, n: int, pass_index: int = 0) -> None:
+        """One batch of the range pass(es): its min, max and element count."""
+        if pass_index == 0:
+            self.min = min(self.min, float(lo))
+            self.max = max(self.max, float(hi))
+            self.count += int(n)
+
+    def update_histogram(self, counts: np.ndarray, zeros: int) -> None:
+        """One batch of the histogram pass: counts of non-zero |x| per bin, and the number of exact zeros."""
+        if self.hist is None:
+            self.hist = np.zeros(self.num_bins, dtype=np.int64)
+        self.hist += counts
+        self.zeros += int(zeros)
+
+    # -- results -------------------------------------------------------------------------------------------
+    @property
+    def absmax(self) -> float:
+        return float(max(abs(self.min), abs(self.max)))
+
+    @property
+    def signed_data(self) -> bool:
+        return bool(self.min < 0)
+
+    @property
+    def levels(self) -> int:
+        """Quantized levels of |x| the grid offers: 128 for signed int8, 256 for uint8 on non-negative data."""
+        if self.grid.signed or self.signed_data:
+            return 2 ** (self.grid.bits - 1)
+        return 2 ** self.grid.bits
+
+    @property
+    def qmax_abs(self) -> int:
+        """Largest integer code for |x| (127 signed int8, 255 uint8 on non-negative data)."""
+        return self.levels - 1
+
+    def threshold(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def clipped_share(self, threshold: float) -> float | None:
+        """Share of all values with |x| > threshold, from the histogram (None without one)."""
+        if self.hist is None:
+            return 0.0 if threshold >= self.absmax else None
+        total = int(self.hist.sum()) + self.zeros
+        if total == 0 or self.absmax == 0:
+            return 0.0
+        width = self.absmax / self.num_bins
+        b = int(np.floor(threshold / width))
+        if b >= self.num_bins:
+            return 0.0
+        frac = threshold / width - b  # part of bin b below T (uniform within a bin)
+        clipped = self.hist[b + 1:].sum() + (1.0 - frac) * self.hist[b]
+        return float(clipped / total)
+
+    def compute(self) -> RangeResult:
+        t = float(self.threshold())
+        # the observed range after clipping to [-T, T] (includes 0); symmetric grids use only T
+        lo, hi = max(min(self.min, 0.0), -t), min(max(self.max, 0.0), t)
+        return RangeResult(threshold=t, lo=float(lo), hi=float(hi), clipped_share=self.clipped_share(t))
+
+
+#: name -> calibrator class; add a method with ``@register``
+CALIBRATORS: dict[str, type[Calibrator]] = {}
+
+
+def register(cls: type[Calibrator]) -> type[Calibrator]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name")
+    CALIBRATORS[cls.name] = cls
+    return cls
+
+
+def get_calibrator(method: str) -> type[Calibrator]:
+    try:
+        return CALIBRATORS[method]
+    except KeyError:
+        raise ValueError(f"unknown calibration method {method!r}; available: {', '.join(sorted(CALIBRATORS))}") \
+            from None

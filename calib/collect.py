@@ -1,0 +1,83 @@
+"""Activation collection: one hybridized fp32 pass that returns the inputs of every quantized Conv/Dense.
+
+The net's symbol (``net(mx.sym.var('data'))``) is traced; for each Convolution/FullyConnected node (named by its
+structural path, ``features.0``) its data input is taken from ``sym.get_internals()``; the outputs are bound into
+one ``gluon.SymbolBlock`` that shares the net's parameters. A tensor consumed by several layers is computed once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import mxnet as mx
+from mxnet import gluon
+
+from ..naming import node_path, prefix_map, structure_fingerprint
+
+WEIGHTED_OPS = ("Convolution", "FullyConnected")
+
+
+@dataclass(frozen=True)
+class TapPoint:
+    key: str      # scale-file key, "<layer>:input"
+    layer: str    # structural path of the consuming layer
+    tensor: str   # structural name of the tensor ("data" for the graph input)
+    internal: str  # name of the output in sym.get_internals()
+
+
+def trace(net: gluon.HybridBlock):
+    """The fp32 symbol of ``net`` with input ``data``."""
+    out = net(mx.sym.var("data"))
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return out
+
+
+def tap_points(sym, net: gluon.Block, layers=None) -> list[TapPoint]:
+    """Inputs of every Conv/Dense node (restricted to ``layers`` paths when given), in graph order."""
+    nodes = json.loads(sym.tojson())["nodes"]
+    pm = prefix_map(net)
+    available = set(sym.get_internals().list_outputs())
+    points = []
+    for node in nodes:
+        if node["op"] not in WEIGHTED_OPS:
+            continue
+        layer = node_path(node["name"], pm)
+        if layers is not None and layer not in layers:
+            continue
+        src_i, out_i = node["inputs"][0][0], node["inputs"][0][1]
+        src = nodes[src_i]
+        if src["op"] == "null":
+            internal, tensor = src["name"], src["name"]
+        else:
+            internal = f"{src['name']}_output"
+            if internal not in available:
+                internal = f"{src['name']}_output{out_i}"
+            tensor = node_path(src["name"], pm)
+        points.append(TapPoint(f"{layer}:input", layer, tensor, internal))
+    return points
+
+
+class ActivationTap:
+    """Runs the fp32 graph and returns the tapped tensors of a batch as NDArrays (one per unique tensor)."""
+
+    def __init__(self, net: gluon.HybridBlock, layers=None):
+        sym = trace(net)
+        self.symbol_json = sym.tojson()
+        self.fingerprint = structure_fingerprint(self.symbol_json)
+        self.points = tap_points(sym, net, layers)
+        if layers is not None:
+            missing = sorted(set(layers) - {p.layer for p in self.points})
+            if missing:
+                raise ValueError(f"quantized layers not found in the traced graph: {', '.join(missing)}")
+        self.internals = list(OrderedDict.fromkeys(p.internal for p in self.points))
+        internals = sym.get_internals()
+        outs = [internals[i] for i in self.internals]
+        self.block = gluon.SymbolBlock(outs, mx.sym.var("data"), params=net.collect_params())
+        self.block.hybridize(static_alloc=True)
+
+    def __call__(self, x: mx.nd.NDArray) -> list[mx.nd.NDArray]:
+        out = self.block(x)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
