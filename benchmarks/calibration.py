@@ -64,13 +64,14 @@ def main():
     for name in args.models:
         net = get_trained(name, verbose=False)
         fp32_pass(net, x[:args.batch_size], args.batch_size)
-        t_fp32 = best_of(lambda: fp32_pass(net, x, args.batch_size))
-        t_mx = best_of(lambda: mxnet_naive(get_trained(name, verbose=False), x, args.batch_size), repeat=1)
+        t_fp32 = best_of(lambda net=net: fp32_pass(net, x, args.batch_size))
+        t_mx = best_of(lambda name=name: mxnet_naive(get_trained(name, verbose=False), x, args.batch_size),
+                       repeat=1)
         print(f"\n{name}: fp32 pass {t_fp32 * 1e3:.0f} ms, mxnet quantize_net_v2 naive {t_mx * 1e3:.0f} ms")
         print(f"{'method':<11} {'ms':>7} {'x fp32':>7} {'target':>7} {'x mxnet naive':>14}")
         for m in METHODS:
             calibrate(net, x[:args.batch_size], method=m, quiet=True)  # warm-up (graph build)
-            t = best_of(lambda: calibrate(net, x, method=m, quiet=True, batch_size=args.batch_size))
+            t = best_of(lambda net=net, m=m: calibrate(net, x, method=m, quiet=True, batch_size=args.batch_size))
             print(f"{m:<11} {t * 1e3:>7.0f} {t / t_fp32:>7.2f} {TARGET[m]:>7.2f} {t / t_mx:>14.2f}")
         accuracy(name, net, x, test)
 

@@ -162,7 +162,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                 hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
             x = b if isinstance(b, mx.nd.NDArray) else mx.nd.array(np.asarray(b, dtype=np.float32))
             outs = tap(x)
-            for name, o in zip(tap.internals, outs):
+            for name, o in zip(tap.internals, outs, strict=False):
                 a = o.asnumpy()
                 if kind == "range":
                     lo, hi = float(a.min()), float(a.max())
@@ -233,7 +233,7 @@ def check(sf: ScaleFile, max_clip_share: float = 1e-3, threshold_ratio: float = 
     """Guard rails: a warning (naming the layer) per tensor whose threshold clips more than ``max_clip_share``
     of its values, stressed when a signed tensor is cut below ``threshold_ratio`` of its observed max."""
     msgs = []
-    for key, r in sf.tensors.items():
+    for _key, r in sf.tensors.items():
         if r.clipped_share is None or r.clipped_share <= max_clip_share:
             continue
         amax = max(abs(r.observed_min), abs(r.observed_max))

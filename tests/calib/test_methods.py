@@ -46,7 +46,7 @@ def ref_kl_best_bin(hist, target_bin=128, eps=1e-4):
                 expand[rl] += rs * q[j]
             for k in range(lu, rl):
                 expand[k] += q[j]
-        kl = sum(a * math.log(a / b) for a, b in zip(clip, expand))
+        kl = sum(a * math.log(a / b) for a, b in zip(clip, expand, strict=False))
         if kl < best:
             best, best_t = kl, t
     return best_t
