@@ -195,6 +195,10 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                              float(zero_threshold), 0.0)
             continue
         r = cal.compute()
+        if getattr(cal, "guarded", False):
+            warnings.warn(f"layer(s) {', '.join(layer_of[name])}: the KL threshold clipped more than "
+                          f"{cal.max_clipped_share:g} of the values; raised to {r.threshold:.4g} (clip guard; "
+                          "max_clipped_share=None keeps ncnn2table's threshold)", CalibrationWarning, stacklevel=2)
         results[name] = (r.threshold, r.lo, r.hi, r.clipped_share)
     grid = prof.activation
     for p in tap.points:

@@ -8,6 +8,13 @@
    KL(P||Q) = sum P log(P/Q) (no renormalisation, ``eps = 1e-4`` as ncnn);
 4. threshold = (best_t + 0.5) * absmax / 2048. ``levels`` = 128 for signed int8 (256 for uint8 on
    non-negative data). The first minimum wins on ties.
+
+Clip guard (deployq's addition, on by default): KL assumes a smooth, ReLU-like distribution. On tensors dominated
+by one value (the normalised MNIST background, signed residual-block inputs) it picks thresholds far below the
+data (ncnn-int8.md §9; MXNet's ``entropy`` mode loses 15-55 points the same way, peers.md). When the KL threshold
+clips more than ``max_clipped_share`` of the non-zero values, the threshold is raised to the smallest bin edge
+that clips at most that share, and a warning names the tensor. ``max_clipped_share=None`` gives ncnn2table's
+result unchanged.
 """
 
 from __future__ import annotations
@@ -74,14 +81,25 @@ class KLCalibrator(Calibrator):
     name = "kl"
     uses_histogram = True
 
-    def __init__(self, grid: TensorGrid | None = None, num_bins: int = 2048, eps: float = KL_EPS):
+    def __init__(self, grid: TensorGrid | None = None, num_bins: int = 2048, eps: float = KL_EPS,
+                 max_clipped_share: float | None = 1e-3):
         self.num_bins = int(num_bins)
         self.eps = float(eps)
+        self.max_clipped_share = max_clipped_share
         super().__init__(grid)
         self.best_bin: int | None = None
+        self.guarded = False
 
     def threshold(self) -> float:
         if self.hist is None or self.hist.sum() == 0:
             return 0.0
         self.best_bin = kl_best_bin(self.hist, self.levels, self.eps)
-        return (self.best_bin + 0.5) * self.absmax / self.num_bins
+        t = self.best_bin
+        if self.max_clipped_share is not None:
+            tail = self.hist[::-1].cumsum()[::-1] / self.hist.sum()  # tail[k] = share of values in bins >= k
+            ok = np.flatnonzero(tail <= self.max_clipped_share)
+            floor_bin = int(ok[0]) if len(ok) else self.num_bins
+            if floor_bin > t + 1:
+                self.guarded = True
+                return min(floor_bin, self.num_bins) * self.absmax / self.num_bins
+        return (t + 0.5) * self.absmax / self.num_bins

@@ -167,3 +167,21 @@ def test_state_does_not_grow_with_batches():
             cal.update_histogram(*abs_histogram(x, 5.0))
         sizes.append(cal.hist.nbytes + len(vars(cal)))
     assert sizes[0] == sizes[1]
+
+
+def test_kl_clip_guard_on_a_dominant_value():
+    """Normalised-MNIST-like data: 80% of |x| sit at one background value. ncnn's KL clips far below the data;
+    the guard raises the threshold until at most 0.1% of the values are clipped; None keeps ncnn's choice."""
+    from deployq.calib.kl import KLCalibrator
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.full(80_000, -0.4242), rng.uniform(0, 2.82, 20_000)]).astype(np.float32)
+    res = {}
+    for share in (None, 1e-3):
+        cal = KLCalibrator(max_clipped_share=share)
+        cal.update_range(x.min(), x.max(), x.size)
+        counts, _ = np.histogram(np.abs(x), bins=2048, range=(0, np.abs(x).max()))
+        cal.update_histogram(counts, 0)
+        res[share] = cal.threshold()
+    assert res[None] < 1.0  # ncnn2table's threshold cuts most of the digit strokes
+    assert np.mean(np.abs(x) > res[1e-3]) <= 1e-3 < np.mean(np.abs(x) > res[None])
