@@ -3,7 +3,9 @@ min-max input ranges from fp32 activations (a small stand-in for ``deployq.calib
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
 
 import mxnet as mx
 import numpy as np
@@ -11,6 +13,21 @@ from mxnet import gluon
 
 from .api import float_mode, quant_layers, trace_symbol
 from .naming import prefix_map
+
+
+@contextlib.contextmanager
+def no_subgraph_fusion() -> Iterator[None]:
+    """Bind executors without MXNet's MKLDNN subgraph fusion, which fuses Conv+ReLU so that an internal Conv
+    output would read post-activation values."""
+    old = os.environ.get("MXNET_SUBGRAPH_BACKEND")
+    os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MXNET_SUBGRAPH_BACKEND", None)
+        else:
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = old
 
 
 def _layer_symbols(net: gluon.HybridBlock, layers: Iterable[str]) -> tuple[mx.sym.Symbol, list[str]]:
@@ -43,7 +60,8 @@ def run_layers(net: gluon.HybridBlock, x: np.ndarray, layers: Iterable[str] | No
         chunks: list[list[np.ndarray]] = []
         for i in range(0, len(x), batch_size):
             xb = mx.nd.array(x[i:i + batch_size])
-            exe = sym.bind(mx.cpu(), dict(args, data=xb), aux_states=aux, grad_req="null")
+            with no_subgraph_fusion():
+                exe = sym.bind(mx.cpu(), dict(args, data=xb), aux_states=aux, grad_req="null")
             chunks.append([o.asnumpy() for o in exe.forward(is_train=False)])
         outs = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
         return outs[0], dict(zip(found, outs[1:], strict=True))
