@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from deployq.exporters.ir import UnsupportedOpError
+from deployq.exporters.onnx_export import export_qnet, to_onnx
 
 import deployq
 from deployq.data import load_mnist5k
-from deployq.exporters.ir import UnsupportedOpError
-from deployq.exporters.onnx_export import export_qnet, to_onnx
 from deployq.simulate import calibrate_minmax, run_layers
 from deployq.zoo import get_trained
 
