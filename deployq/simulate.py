@@ -1,0 +1,90 @@
+"""Run a deployq-quantized Gluon net as simulated: logits and the output of every quantized layer; and
+min-max input ranges from fp32 activations (a small stand-in for ``deployq.calib``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+from .api import float_mode, quant_layers, trace_symbol
+from .naming import prefix_map
+
+
+@contextlib.contextmanager
+def no_subgraph_fusion() -> Iterator[None]:
+    """Bind executors without MXNet's MKLDNN subgraph fusion, which fuses Conv+ReLU so that an internal Conv
+    output would read post-activation values."""
+    old = os.environ.get("MXNET_SUBGRAPH_BACKEND")
+    os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MXNET_SUBGRAPH_BACKEND", None)
+        else:
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = old
+
+
+def _layer_symbols(net: gluon.HybridBlock, layers: Iterable[str]) -> tuple[mx.sym.Symbol, list[str]]:
+    sym = trace_symbol(net)
+    internals = sym.get_internals()
+    names = set(internals.list_outputs())
+    pm = {path: prefix for prefix, path in prefix_map(net).items()}
+    outs, found = [sym], []
+    for path in layers:
+        key = f"{pm.get(path, '')}fwd_output"
+        if path in pm and key in names:
+            outs.append(internals[key])
+            found.append(path)
+    return mx.sym.Group(outs), found
+
+
+def run_layers(net: gluon.HybridBlock, x: np.ndarray, layers: Iterable[str] | None = None,
+               batch_size: int = 250, fp32: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(logits, {layer path: layer output}) of ``net`` (simulated, or its fp32 graph with ``fp32=True``) for
+    the quantized layers (default: all), in inference mode. A layer's output is its Conv/Dense output (BN
+    folded, before the activation)."""
+    layers = list(quant_layers(net) if layers is None else layers)
+
+    def go() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        net(mx.nd.array(x[:1]))
+        sym, found = _layer_symbols(net, layers)
+        params = {p.name: p.data() for p in net.collect_params().values()}
+        args = {k: params[k] for k in sym.list_arguments() if k in params}
+        aux = {k: params[k] for k in sym.list_auxiliary_states()}
+        chunks: list[list[np.ndarray]] = []
+        for i in range(0, len(x), batch_size):
+            xb = mx.nd.array(x[i:i + batch_size])
+            with no_subgraph_fusion():
+                exe = sym.bind(mx.cpu(), dict(args, data=xb), aux_states=aux, grad_req="null")
+            chunks.append([o.asnumpy() for o in exe.forward(is_train=False)])
+        outs = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+        return outs[0], dict(zip(found, outs[1:], strict=True))
+
+    if fp32:
+        with float_mode(net):
+            return go()
+    return go()
+
+
+def calibrate_minmax(net: gluon.HybridBlock, x: np.ndarray, batch_size: int = 250) -> dict[str, tuple[float, float]]:
+    """Set every quantized layer's input range to the min/max of its fp32 input over ``x``; returns them."""
+    from deployq.exporters.frontend import from_gluon
+    from deployq.exporters.mxnet_lower import run
+    from deployq.exporters.passes import optimize
+
+    layers = quant_layers(net)
+    g = optimize(from_gluon(net, (1, *x.shape[1:])))
+    inputs = {path: g.node(path).inputs[0] for path in layers}
+    acts = run(g, x, outputs=sorted(set(inputs.values())), batch_size=batch_size)
+    ranges = {}
+    for path, blk in layers.items():
+        a = acts[inputs[path]]
+        ranges[path] = (float(a.min()), float(a.max()))
+        blk.set_input_range(*ranges[path])
+    return ranges

@@ -1,0 +1,43 @@
+"""``deployq verify`` and ``deployq sensitivity``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+BREACH_EXIT = 3
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("verify", help="run an export in its runtime and compare with the simulation",
+                              description="Run EXPORT_DIR (a directory with deployq-export.json) in the real "
+                                          f"runtime; exit {BREACH_EXIT} when a threshold is breached.")
+    p.add_argument("export_dir")
+    p.add_argument("--engine", choices=("onnxruntime", "ncnn", "mxnet"), default=None,
+                   help="runtime (default: the manifest's engine)")
+    p.add_argument("--data", default="builtin", help="builtin (MNIST-5k test), an .npz or an image folder")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many images (0: all)")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="top-1 agreement with the simulation")
+    p.add_argument("--max-error-steps", type=float, default=1.0, help="max |y - y_sim| in output steps")
+    p.add_argument("--mean-error-steps", type=float, default=0.1, help="mean |y - y_sim| in output steps")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="per-layer cosine similarity")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer comparison")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_verify)
+    from .sensitivity import register as register_sensitivity
+
+    register_sensitivity(subparsers)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from .verify import Thresholds, format_report, verify
+
+    t = Thresholds(args.min_agreement, args.max_error_steps, args.mean_error_steps, args.min_cosine)
+    rep = verify(args.export_dir, args.engine, args.data, args.limit or None, t, layers=not args.no_layers)
+    if args.json:
+        json.dump(rep, sys.stdout, indent=2, default=float)
+        print()
+    else:
+        print(format_report(rep))
+    return 0 if rep["passed"] else BREACH_EXIT

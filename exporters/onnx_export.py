@@ -1,0 +1,300 @@
+"""Graph IR -> ONNX (opset 13) with QuantizeLinear/DequantizeLinear pairs carrying deployq's own grids.
+
+Run it on an optimized graph (BN folded) with ``attach_qnet``/``attach_scales`` records: every Conv/Gemm node
+with ``attrs["wq"]`` gets its int8 codes as an int8 initializer and a per-channel ``DequantizeLinear``
+(axis 0, ``scale = step``, zero point 0); every node with ``attrs["iq"]`` gets ``QuantizeLinear`` +
+``DequantizeLinear`` on its input (uint8 with ``zero_point`` for affine grids, int8 with zero point 0 for
+symmetric signed ones). Nodes without records stay fp32, and ``quantize=False`` gives the plain fp32 model
+from the same code path.
+
+Lowering is a registry (:data:`HANDLERS`, op -> function). Handlers *declare* what they need from the
+emitter (``ctx.act_input``, ``ctx.weight``, ``ctx.const``) and the emitter writes the nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .ir import Graph, Node, UnsupportedOpError
+from .qattach import InputQuant, WeightQuant
+
+OPSET = 13
+BATCH_DIM = "N"
+
+
+class OnnxContext:
+    """The model under construction: nodes, initializers and the QDQ pairs already emitted (shared per
+    tensor and grid so that two layers reading one tensor on one grid share one QuantizeLinear)."""
+
+    def __init__(self, g: Graph, quantize: bool) -> None:
+        self.g, self.quantize = g, quantize
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self._qdq: dict[tuple[str, float, int, bool], str] = {}
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        if name not in self.inits:
+            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        return name
+
+    def emit(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
+
+    def act_input(self, node: Node, tensor: str) -> str:
+        """``tensor`` as the quantized layer ``node`` reads it: through its own QDQ pair when it has an input
+        grid (``attrs['iq']``), else unchanged."""
+        iq: InputQuant | None = node.attrs.get("iq")
+        if not self.quantize or iq is None:
+            return tensor
+        key = (tensor, float(np.float32(iq.step)), int(iq.zero_point), bool(iq.signed))
+        if key in self._qdq:
+            return self._qdq[key]
+        k = sum(1 for t in self._qdq if t[0] == tensor)
+        base = f"{tensor}.q{k}" if k else f"{tensor}.q"
+        dtype = np.int8 if iq.signed else np.uint8
+        if not (np.iinfo(dtype).min <= iq.qmin and iq.qmax <= np.iinfo(dtype).max):
+            raise ValueError(f"node {node.name}: input grid [{iq.qmin}, {iq.qmax}] does not fit ONNX "
+                             f"{np.dtype(dtype).name}")
+        scale = self.const(f"{base}.step", np.array(iq.step, np.float32))
+        zp = self.const(f"{base}.zero_point", np.array(iq.zero_point, dtype))
+        self.emit("QuantizeLinear", [tensor, scale, zp], [base], name=f"{base}.QuantizeLinear")
+        out = f"{base}.dq"
+        self.emit("DequantizeLinear", [base, scale, zp], [out], name=f"{base}.DequantizeLinear")
+        self._qdq[key] = out
+        return out
+
+    def weight(self, node: Node) -> str:
+        """The weight input of ``node``: int8 codes + per-channel DequantizeLinear, or the fp32 array."""
+        key = node.params["weight"]
+        wq: WeightQuant | None = node.attrs.get("wq")
+        if not self.quantize or wq is None:
+            return self.const(key, self.g.params[key])
+        if wq.qmin < -128 or wq.qmax > 127:
+            raise ValueError(f"node {node.name}: weight grid [{wq.qmin}, {wq.qmax}] does not fit int8")
+        codes = self.const(f"{key}.codes", wq.codes.astype(np.int8).reshape(self.g.params[key].shape))
+        step = np.where(wq.step > 0, wq.step, 1.0).astype(np.float32)  # a dead channel: codes are 0
+        scale = self.const(f"{key}.step", step)
+        zp = self.const(f"{key}.zero_point", np.zeros(len(step), np.int8))
+        out = f"{key}.dq"
+        self.emit("DequantizeLinear", [codes, scale, zp], [out], name=f"{node.name}.weight.DequantizeLinear",
+                  axis=0)
+        return out
+
+    def bias(self, node: Node) -> list[str]:
+        key = node.params.get("bias")
+        return [] if key is None else [self.const(key, self.g.params[key])]
+
+
+Handler = Callable[[OnnxContext, Node], None]
+#: IR op -> lowering function.
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(*ops: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        for op in ops:
+            HANDLERS[op] = fn
+        return fn
+    return deco
+
+
+@handles("Convolution")
+def _conv(ctx: OnnxContext, n: Node) -> None:
+    a = n.attrs
+    if len(a["kernel"]) != 2:
+        raise UnsupportedOpError(f"node {n.name}: op Convolution with a {len(a['kernel'])}-D kernel (only 2-D)")
+    x = ctx.act_input(n, n.inputs[0])
+    ctx.emit("Conv", [x, ctx.weight(n), *ctx.bias(n)], [n.output], name=n.name, kernel_shape=list(a["kernel"]),
+             strides=list(a["stride"]), dilations=list(a["dilate"]), pads=list(a["pad"]) * 2, group=a["num_group"])
+
+
+@handles("FullyConnected")
+def _fc(ctx: OnnxContext, n: Node) -> None:
+    if not n.attrs["flatten"]:
+        raise UnsupportedOpError(f"node {n.name}: op FullyConnected with flatten=False is not supported")
+    flat = f"{n.name}.flatten"
+    ctx.emit("Flatten", [n.inputs[0]], [flat], name=flat, axis=1)
+    ctx.emit("Gemm", [ctx.act_input(n, flat), ctx.weight(n), *ctx.bias(n)], [n.output], name=n.name, transB=1)
+
+
+@handles("BatchNorm")
+def _bn(ctx: OnnxContext, n: Node) -> None:
+    if n.attrs["axis"] != 1:
+        raise UnsupportedOpError(f"node {n.name}: op BatchNorm on axis {n.attrs['axis']} (only axis 1)")
+    gamma = ctx.g.param(n, "gamma")
+    if n.attrs["fix_gamma"]:
+        gamma = np.ones_like(gamma)
+    ins = [ctx.const(f"{n.params['gamma']}.used", gamma)] + [ctx.const(n.params[r], ctx.g.param(n, r))
+                                                             for r in ("beta", "moving_mean", "moving_var")]
+    ctx.emit("BatchNormalization", [n.inputs[0], *ins], [n.output], name=n.name, epsilon=n.attrs["eps"])
+
+
+_ACTIVATIONS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softrelu": "Softplus"}
+
+
+@handles("Activation")
+def _act(ctx: OnnxContext, n: Node) -> None:
+    kind = n.attrs["act_type"]
+    if kind not in _ACTIVATIONS:
+        raise UnsupportedOpError(f"node {n.name}: op Activation act_type={kind} is not supported "
+                                 f"(supported: {', '.join(_ACTIVATIONS)})")
+    ctx.emit(_ACTIVATIONS[kind], n.inputs, [n.output], name=n.name)
+
+
+@handles("clip")
+def _clip(ctx: OnnxContext, n: Node) -> None:
+    lo = ctx.const(f"{n.name}.min", np.array(n.attrs["a_min"], np.float32))
+    hi = ctx.const(f"{n.name}.max", np.array(n.attrs["a_max"], np.float32))
+    ctx.emit("Clip", [n.inputs[0], lo, hi], [n.output], name=n.name)
+
+
+@handles("LeakyReLU")
+def _leaky(ctx: OnnxContext, n: Node) -> None:
+    if n.attrs["act_type"] != "leaky":
+        raise UnsupportedOpError(f"node {n.name}: op LeakyReLU act_type={n.attrs['act_type']} (only leaky)")
+    ctx.emit("LeakyRelu", n.inputs, [n.output], name=n.name, alpha=n.attrs["slope"])
+
+
+@handles("Pooling")
+def _pool(ctx: OnnxContext, n: Node) -> None:
+    a = n.attrs
+    kind = {"max": "Max", "avg": "Average"}.get(a["pool_type"])
+    if kind is None:
+        raise UnsupportedOpError(f"node {n.name}: op Pooling pool_type={a['pool_type']} (only max, avg)")
+    if a["global_pool"]:
+        ctx.emit(f"Global{kind}Pool", n.inputs, [n.output], name=n.name)
+        return
+    kw = {"kernel_shape": list(a["kernel"]), "strides": list(a["stride"]), "pads": list(a["pad"]) * 2,
+          "ceil_mode": int(a["pooling_convention"] == "full")}
+    if kind == "Average":
+        kw["count_include_pad"] = int(a["count_include_pad"] is not False)
+    ctx.emit(f"{kind}Pool", n.inputs, [n.output], name=n.name, **kw)
+
+
+@handles("Flatten")
+def _flatten(ctx: OnnxContext, n: Node) -> None:
+    ctx.emit("Flatten", n.inputs, [n.output], name=n.name, axis=1)
+
+
+@handles("elemwise_add", "broadcast_add")
+def _add(ctx: OnnxContext, n: Node) -> None:
+    ctx.emit("Add", n.inputs, [n.output], name=n.name)
+
+
+@handles("broadcast_mul")
+def _mul(ctx: OnnxContext, n: Node) -> None:
+    ctx.emit("Mul", n.inputs, [n.output], name=n.name)
+
+
+@handles("Concat")
+def _concat(ctx: OnnxContext, n: Node) -> None:
+    ctx.emit("Concat", n.inputs, [n.output], name=n.name, axis=n.attrs["dim"])
+
+
+@handles("Dropout")
+def _dropout(ctx: OnnxContext, n: Node) -> None:
+    ctx.emit("Identity", n.inputs, [n.output], name=n.name)
+
+
+@handles("softmax")
+def _softmax(ctx: OnnxContext, n: Node) -> None:
+    if n.attrs["temperature"] not in (None, 1.0):
+        raise UnsupportedOpError(f"node {n.name}: op softmax with temperature={n.attrs['temperature']}")
+    ctx.emit("Softmax", n.inputs, [n.output], name=n.name, axis=n.attrs["axis"])
+
+
+@handles("SoftmaxActivation", "SoftmaxOutput")
+def _softmax_act(ctx: OnnxContext, n: Node) -> None:
+    channel = n.attrs.get("mode") == "channel" or n.attrs.get("multi_output", False)
+    if channel:
+        ctx.emit("Softmax", n.inputs, [n.output], name=n.name, axis=1)
+    else:  # instance: softmax over the flattened features
+        flat = f"{n.name}.flatten"
+        ctx.emit("Flatten", n.inputs, [flat], name=flat, axis=1)
+        ctx.emit("Softmax", [flat], [n.output], name=n.name, axis=1)
+
+
+def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str = "deployq") -> onnx.ModelProto:
+    """The ONNX model of ``g`` (run ``passes.optimize`` first; quantization records from ``qattach``).
+
+    The input keeps ``g.input_shape`` except a dynamic batch dimension ``N``; initializers are not graph
+    inputs. Raises ``UnsupportedOpError`` naming node and op for an op without a handler.
+    """
+    if opset < 13:
+        raise ValueError(f"opset {opset}: deployq writes opset 13+ (per-channel DequantizeLinear needs 13)")
+    ctx = OnnxContext(g, quantize)
+    for n in g.nodes:
+        fn = HANDLERS.get(n.op)
+        if fn is None:
+            raise UnsupportedOpError(f"{g.name}: node {n.name!r}: op {n.op} has no ONNX lowering; supported ops: "
+                                     f"{', '.join(sorted(HANDLERS))}")
+        fn(ctx, n)
+    shape = [BATCH_DIM, *g.input_shape[1:]]
+    inp = helper.make_tensor_value_info(g.input_name, TensorProto.FLOAT, shape)
+    outs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in g.outputs]
+    graph = helper.make_graph(ctx.nodes, g.name, [inp], outs, initializer=list(ctx.inits.values()))
+    model = helper.make_model(graph, producer_name=producer, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8  # onnxruntime >= 1.17 reads IR 8..10; 8 is the oldest with opset 13+ everywhere
+    inferred = onnx.shape_inference.infer_shapes(model)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.graph.output)
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary name in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Serialize deterministically (same model -> same bytes) and write atomically."""
+    return write_atomic(path, model.SerializeToString(deterministic=True))
+
+
+def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
+                input_shape: tuple[int, ...] = (1, 3, 32, 32), fp32: bool = True) -> dict[str, Path]:
+    """Export a deployq-quantized Gluon net to ``out_dir``: ``model.onnx`` (QDQ), ``model.fp32.onnx``,
+    ``scales.json``, the saved quantized net ``qnet.params``/``qnet.deployq.json`` and the manifest.
+
+    Layers the config list keeps in fp32 get no QDQ. Re-running gives byte-identical files.
+    """
+    import json
+
+    import deployq
+    from deployq.manifest import write_manifest
+
+    from .frontend import from_gluon
+    from .passes import optimize
+    from .qattach import attach_qnet
+
+    if not deployq.quant_layers(qnet):
+        raise ValueError("export_qnet needs a deployq-quantized net (deployq.quantize(net, profile='onnx'))")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g = optimize(from_gluon(qnet, input_shape, name=model_name))
+    gq = attach_qnet(g, qnet)
+    files = {"model": "model.onnx", "scales": "scales.json", "qnet": "qnet"}
+    save_onnx(to_onnx(gq, quantize=True), out / files["model"])
+    if fp32:
+        files["fp32"] = "model.fp32.onnx"
+        save_onnx(to_onnx(g, quantize=False), out / files["fp32"])
+    scales = deployq.export_scales(qnet, model_name)
+    write_atomic(out / files["scales"], (json.dumps(scales, indent=2, sort_keys=True) + "\n").encode())
+    deployq.save(qnet, out / files["qnet"], model_name, input_shape)
+    layers = {path: path for path in deployq.quant_layers(qnet)}  # runtime tensor of each layer's output
+    write_manifest(out, "onnxruntime", model_name, input_shape, files, layers,
+                   f"deployq {deployq.__version__} export-onnx", profile=getattr(qnet, "_deployq", {}).get("profile"),
+                   outputs=list(g.outputs))
+    return {k: out / v for k, v in files.items()}

@@ -1,0 +1,131 @@
+"""ONNX exporter: structure, fp32 parity, QDQ parity with the simulation in onnxruntime, errors, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from deployq.exporters.ir import UnsupportedOpError
+from deployq.exporters.onnx_export import export_qnet, to_onnx
+
+import deployq
+from deployq.data import load_mnist5k
+from deployq.simulate import calibrate_minmax, run_layers
+from deployq.zoo import get_trained
+
+
+def session(path, optimize: bool = False) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def output_step(sim: np.ndarray) -> float:
+    """One step of an int8 symmetric grid over the simulated logits: max|y_sim| / 127."""
+    return float(np.abs(sim).max() / 127)
+
+
+@pytest.fixture(scope="module", params=["mobilenet0.25", "resnet20"])
+def exported(request, tmp_path_factory):
+    name = request.param
+    qnet = deployq.quantize(get_trained(name, verbose=False), profile="onnx")
+    calibrate_minmax(qnet, load_mnist5k("train").x[:500])
+    out = tmp_path_factory.mktemp(name)
+    files = export_qnet(qnet, out, name)
+    x = load_mnist5k("test").x
+    sim, _ = run_layers(qnet, x)
+    f32, _ = run_layers(qnet, x, fp32=True)
+    return name, qnet, files, x, sim, f32
+
+
+def test_structure(exported):
+    name, qnet, files, *_ = exported
+    m = onnx.load(str(files["model"]))
+    onnx.checker.check_model(m)
+    ops = [n.op_type for n in m.graph.node]
+    assert "BatchNormalization" not in ops
+    assert m.opset_import[0].version >= 13
+    assert [i.name for i in m.graph.input] == ["data"]
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    n_layers = len(deployq.quant_layers(qnet))
+    assert ops.count("Conv") + ops.count("Gemm") == n_layers
+    w_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("weight.DequantizeLinear")]
+    assert len(w_dq) == n_layers
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    codes = [v for k, v in inits.items() if k.endswith(".codes")]
+    assert all(c.dtype == np.int8 and np.abs(c).max() <= 127 for c in codes)
+    zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype == np.uint8 for z in zps)
+    assert any(int(z) > 0 for z in zps)  # the first layer reads normalised (signed) images: affine
+    f = onnx.load(str(files["fp32"]))
+    assert {n.op_type for n in f.graph.node}.isdisjoint({"QuantizeLinear", "DequantizeLinear", "BatchNormalization"})
+    man = json.loads((files["model"].parent / "deployq-export.json").read_text())
+    assert man["engine"] == "onnxruntime" and man["files"]["model"] == "model.onnx"
+
+
+def test_fp32_parity(exported):
+    _, _, files, x, _, f32 = exported
+    y = session(files["fp32"]).run(None, {"data": x})[0]
+    assert np.abs(y - f32).max() / np.abs(f32).max() <= 1e-5
+
+
+def test_qdq_parity_with_simulation(exported):
+    name, _, files, x, sim, _ = exported
+    y = session(files["model"]).run(None, {"data": x})[0]
+    step = output_step(sim)
+    assert (y.argmax(1) == sim.argmax(1)).mean() == 1.0
+    assert np.abs(y - sim).max() <= step, f"{name}: max error {np.abs(y - sim).max() / step:.3f} output steps"
+
+
+def test_qdq_default_optimizations_close(exported):
+    """ORT's default optimizations fuse QDQ into QLinearConv (U8S8 integer kernels): close, not exact."""
+    name, _, files, x, sim, _ = exported
+    y = session(files["model"], optimize=True).run(None, {"data": x})[0]
+    assert (y.argmax(1) == sim.argmax(1)).mean() >= 0.99
+    assert np.abs(y - sim).mean() / output_step(sim) < 0.5
+
+
+def test_byte_identical_rerun(exported, tmp_path):
+    name, qnet, files, *_ = exported
+    again = export_qnet(qnet, tmp_path, name)
+    for k in ("model", "fp32", "scales"):
+        assert again[k].read_bytes() == files[k].read_bytes(), k
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_excluded_layer_has_no_qdq(tmp_path):
+    net = get_trained("resnet20", verbose=False)
+    keep = "features.0"
+    qnet = deployq.quantize(net, [{"op_types": ["Conv2D", "Dense"]}, {"op_names": [keep], "exclude": True}],
+                            profile="onnx")
+    calibrate_minmax(qnet, load_mnist5k("train").x[:200])
+    files = export_qnet(qnet, tmp_path, "resnet20", fp32=False)
+    m = onnx.load(str(files["model"]))
+    conv = next(n for n in m.graph.node if n.name == keep)
+    assert conv.input[0] == "data" and not conv.input[1].endswith(".dq")
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "data" for n in m.graph.node)
+    x = load_mnist5k("test").x[:200]
+    sim, _ = run_layers(qnet, x)
+    y = session(files["model"]).run(None, {"data": x})[0]
+    assert (y.argmax(1) == sim.argmax(1)).all() and np.abs(y - sim).max() <= output_step(sim)
+
+
+def test_unsupported_op_names_node_and_op(exported):
+    from deployq.exporters.frontend import from_gluon
+    from deployq.exporters.passes import optimize
+
+    _, qnet, *_ = exported
+    g = optimize(from_gluon(qnet))
+    g.nodes[1].op = "Crop"
+    with pytest.raises(UnsupportedOpError, match=rf"{g.nodes[1].name}.*op Crop"):
+        to_onnx(g)
+
+
+def test_not_quantized_net_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="quantized net"):
+        export_qnet(get_trained("resnet20", verbose=False), tmp_path)
