@@ -17,7 +17,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 import deployq
 from deployq.data import load_mnist5k
-from deployq.simulate import calibrate_minmax
+from deployq.layerwise import calibrate_minmax
 from deployq.zoo import get_trained
 
 

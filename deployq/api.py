@@ -72,6 +72,18 @@ def _clear_cache(net: gluon.Block) -> None:
     for b in block_paths(net).values():
         if isinstance(b, gluon.HybridBlock):
             b._clear_cached_op()
+        if isinstance(b, BypassBatchNorm):
+            _plain_storage(b.running_mean, b.running_var)
+
+
+def _plain_storage(*params: gluon.Parameter) -> None:
+    """Rewrite arrays in place so they hold plain (default-layout) storage. MXNet's oneDNN BatchNorm attaches
+    its own memory to running statistics in inference; the native BatchNorm that deployq uses to update state
+    in training then crashed on such arrays."""
+    for prm in params:
+        if prm._data is not None:
+            for arr in prm.list_data():
+                arr[:] = arr.copy()
 
 
 def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = None,

@@ -58,9 +58,11 @@ class BypassBatchNorm(nn.BatchNorm):
 def _assign(F, state, value, scratch, anchor):
     """Schedule ``state <- value`` for the backward pass of a training step (see the module docstring);
     returns a zero that must be added into the gradient path."""
-    fed = F.reshape(F.BlockGrad(value), (1, -1))
+    # (K, 1) with axis=0: one element per channel; this also keeps MXNet's native kernel (its oneDNN kernel
+    # was seen to crash on tiny 2-D inputs after other BatchNorms ran)
+    fed = F.reshape(F.BlockGrad(value), (-1, 1))
     b = F.BatchNorm(fed, anchor, F.zeros_like(anchor), state, scratch, momentum=0.0, fix_gamma=True,
-                    use_global_stats=False, eps=1e-5)
+                    use_global_stats=False, eps=1e-5, axis=0)
     return F.sum(b) * 0
 
 

@@ -36,7 +36,7 @@ def config_keeping_fp32(layers: list[str]) -> list[dict[str, Any]]:
 class _Evaluator:
     def __init__(self, make_net: NetFactory, x_calib: np.ndarray, x: np.ndarray, y: np.ndarray | None,
                  profile: str) -> None:
-        from .simulate import calibrate_minmax
+        from .layerwise import calibrate_minmax
         from .zoo import predict
 
         self.make_net, self.x, self.y, self.profile = make_net, x, y, profile

@@ -168,7 +168,7 @@ def run_mxnet(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np
         zp = mx.sym.full((1,), float(iq.zero_point)) if not iq.symmetric else None
         return fake_quantize(mx.sym, s, step, iq.qmin, iq.qmax, zp, "half_to_even", "step")
 
-    from .simulate import no_subgraph_fusion
+    from .layerwise import no_subgraph_fusion
 
     with no_subgraph_fusion():
         outs = run(g, x, outputs=[g.outputs[0], *(man["layers"][k] for k in layers)], hook=hook)
@@ -194,7 +194,7 @@ def _fp32_layers(qnet, x: np.ndarray, shape: tuple[int, ...], tensors: dict[str,
     from deployq.exporters.mxnet_lower import run
     from deployq.exporters.passes import optimize
 
-    from .simulate import no_subgraph_fusion
+    from .layerwise import no_subgraph_fusion
 
     g = optimize(from_gluon(qnet, shape))
     with no_subgraph_fusion():
@@ -206,7 +206,7 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str = "built
            thresholds: Thresholds = Thresholds(), layers: bool = True, **runner_kw: Any) -> dict[str, Any]:
     """Run the export and compare; returns a JSON-able report with ``passed`` and ``breaches``."""
     from .api import load
-    from .simulate import run_layers
+    from .layerwise import run_layers
 
     man = read_manifest(export_dir)
     engine = engine or man["engine"]

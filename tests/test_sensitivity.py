@@ -10,8 +10,8 @@ from deployq.exporters.onnx_export import export_qnet
 
 import deployq
 from deployq.data import load_mnist5k
+from deployq.layerwise import calibrate_minmax
 from deployq.sensitivity import analyse, config_keeping_fp32, write_report
-from deployq.simulate import calibrate_minmax
 from deployq.zoo import get_trained
 
 LAYERS = ["features.0", "features.2.0.body.0", "features.4.2.body.3", "output"]

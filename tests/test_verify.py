@@ -11,7 +11,7 @@ from deployq.exporters.onnx_export import export_qnet
 import deployq
 from deployq.cli import main
 from deployq.data import load_mnist5k
-from deployq.simulate import calibrate_minmax
+from deployq.layerwise import calibrate_minmax
 from deployq.verify import Thresholds, load_data, verify
 from deployq.zoo import get_trained
 

@@ -13,7 +13,7 @@ from deployq.exporters.onnx_export import export_qnet, to_onnx
 
 import deployq
 from deployq.data import load_mnist5k
-from deployq.simulate import calibrate_minmax, run_layers
+from deployq.layerwise import calibrate_minmax, run_layers
 from deployq.zoo import get_trained
 
 
