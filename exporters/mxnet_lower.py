@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
 
 import mxnet as mx
 import numpy as np
@@ -12,6 +14,10 @@ from .ir import Graph, Node
 #: ``hook(tensor_name, symbol) -> symbol``: rewrites a tensor as it is produced (fake quantization).
 TensorHook = Callable[[str, mx.sym.Symbol], mx.sym.Symbol]
 AUX_ROLES = ("moving_mean", "moving_var")
+
+
+def _num(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else v
 
 
 def _op_symbol(n: Node, xs: list[mx.sym.Symbol], p: dict[str, mx.sym.Symbol]) -> mx.sym.Symbol:
@@ -29,8 +35,8 @@ def _op_symbol(n: Node, xs: list[mx.sym.Symbol], p: dict[str, mx.sym.Symbol]) ->
                                 axis=a["axis"], name=name)
     if n.op == "Activation":
         return mx.sym.Activation(xs[0], act_type=a["act_type"], name=name)
-    if n.op == "clip":
-        return mx.sym.clip(xs[0], a_min=a["a_min"], a_max=a["a_max"], name=name)
+    if n.op == "clip":  # integral bounds as "0"/"6" (Tengine's converter rejects "6.0")
+        return mx.sym.clip(xs[0], a_min=_num(a["a_min"]), a_max=_num(a["a_max"]), name=name)
     if n.op == "LeakyReLU":
         return mx.sym.LeakyReLU(xs[0], act_type=a["act_type"], slope=a["slope"], name=name)
     if n.op == "Pooling":
@@ -82,6 +88,21 @@ def to_symbol(graph: Graph, hook: TensorHook | None = None, outputs: Iterable[st
     return sym, args, aux
 
 
+@contextlib.contextmanager
+def _no_subgraph_fusion() -> Iterator[None]:
+    """Bind without MKLDNN's subgraph fusion: it fails on graphs that output internal tensors and it would
+    change the numerics of the graph we check (conv+BN+ReLU fused in MKLDNN)."""
+    old = os.environ.get("MXNET_SUBGRAPH_BACKEND")
+    os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MXNET_SUBGRAPH_BACKEND"]
+        else:
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = old
+
+
 def run_symbol(sym: mx.sym.Symbol, args: dict[str, mx.nd.NDArray], aux: dict[str, mx.nd.NDArray],
                x: np.ndarray, batch_size: int = 250) -> list[np.ndarray]:
     """Run ``sym`` (inference) on NumPy images ``x`` in batches; one array per symbol output."""
@@ -91,7 +112,8 @@ def run_symbol(sym: mx.sym.Symbol, args: dict[str, mx.nd.NDArray], aux: dict[str
         xb = x[i:i + batch_size]
         if exe is None or exe.arg_dict["data"].shape != xb.shape:
             feed = dict(args, data=mx.nd.array(xb))
-            exe = sym.bind(mx.cpu(), feed, aux_states=aux, grad_req="null")
+            with _no_subgraph_fusion():
+                exe = sym.bind(mx.cpu(), feed, aux_states=aux, grad_req="null")
         else:
             exe.arg_dict["data"][:] = xb
         res = exe.forward(is_train=False)
@@ -105,3 +127,12 @@ def run(graph: Graph, x: np.ndarray, outputs: Iterable[str] | None = None, hook:
     names = list(outputs or graph.outputs)
     sym, args, aux = to_symbol(graph, hook, names)
     return dict(zip(names, run_symbol(sym, args, aux, np.asarray(x, np.float32), batch_size), strict=True))
+
+
+def tensor_shapes(graph: Graph, batch: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shape of every activation tensor for the graph's input shape (batch size optionally replaced)."""
+    names = graph.tensors()
+    shape = graph.input_shape if batch is None else (batch,) + tuple(graph.input_shape[1:])
+    sym, _, _ = to_symbol(graph, outputs=names)
+    _, out_shapes, _ = sym.infer_shape(**{graph.input_name: shape})
+    return dict(zip(names, (tuple(s) for s in out_shapes), strict=True))
