@@ -61,6 +61,11 @@ def on_grid(w: np.ndarray, codes: np.ndarray | None = None) -> tuple[np.ndarray,
     """
     s = weight_steps(w)
     q = weight_codes(w, s) if codes is None else codes.astype(np.int8)
+    for _ in range(4):  # a step Tengine recomputes bit-exactly: fl(fl(127 * s) / 127) == s
+        s_next = (np.float32(QMAX) * s).astype(np.float32) / np.float32(QMAX)
+        if np.array_equal(s_next, s):
+            break
+        s = s_next.astype(np.float32)
     qmax = np.abs(q.reshape(q.shape[0], -1).astype(np.int32)).max(axis=1)
     if np.any((qmax != QMAX) & (s != 0)):
         raise ValueError("int8 weight codes must reach |q| = 127 in every non-zero channel")
@@ -217,8 +222,8 @@ def lower(g: Graph, ranges: dict[str, tuple[float, float]] | None = None, name: 
     ranges = ranges or {}
     thr: dict[str, ScaleRecord] = {}
     for ir_t, tg_t in mapping.items():
-        if ir_t in quant:
-            q = quant[ir_t]
+        q = quant.get(ir_t) or quant.get(tg_t)  # IR name, else the Tengine name (a re-imported export)
+        if q is not None:
             thr[tg_t] = ScaleRecord(tg_t, q.threshold, q.lo, q.hi, q.source or "scale-file")
         elif ir_t in ranges:
             lo, hi = ranges[ir_t]

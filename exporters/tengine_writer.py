@@ -50,8 +50,8 @@ def write(exp: TengineExport, out_dir: str | Path, name: str | None = None) -> l
     try:
         sym, args, aux = to_symbol(exp.graph)
         sym.save(str(tmp / "json"))
-        params = {f"arg:{k}": v.astype("float32") for k, v in args.items()}
-        params.update({f"aux:{k}": v.astype("float32") for k, v in aux.items()})
+        params = {f"arg:{k}": args[k].astype("float32") for k in sym.list_arguments() if k in args}
+        params.update({f"aux:{k}": aux[k].astype("float32") for k in sym.list_auxiliary_states()})
         mx.nd.save(str(tmp / "params"), params)
         (tmp / "table").write_text(render_scale_table(exp))
         (tmp / "scales").write_text(json.dumps(scale_file_dict(exp), indent=1, sort_keys=True) + "\n")
