@@ -46,7 +46,8 @@ def from_gluon(net: gluon.HybridBlock, input_shape: tuple[int, ...] = (1, 3, 32,
     if isinstance(out, list | tuple):
         out = mx.sym.Group(list(out))
     prefixes = prefix_map(net)
-    params = {p.name: p.data(mx.cpu()).asnumpy() for p in net.collect_params().values()}
+    used = set(out.list_arguments()) | set(out.list_auxiliary_states())
+    params = {p.name: p.data(mx.cpu()).asnumpy() for p in net.collect_params().values() if p.name in used}
     return _from_json(out.tojson(), params, input_shape, name=name, source=f"Gluon net {type(net).__name__}",
                       rename=lambda s: node_path(s, prefixes))
 
