@@ -1,8 +1,9 @@
 """deployq's simulation of Tengine int8 at IR level: the lowered MXNet graph with fake quantization.
 
 Every Tengine tensor is fake-quantized with its step (``q = clamp(round_half_away(x / step), -127, 127)``,
-MXNet ``round`` is half away from zero); a ReLU/ReLU6 fused into its conv is applied before the conv's output is
-quantized; weights are already on the per-channel grid; biases go on Tengine's int32 grid ``s_w * s_in``.
+MXNet ``round`` is half away from zero); a ReLU/ReLU6 fused into its conv is applied before the conv's
+output is quantized; weights are already on the per-channel grid; biases go on Tengine's int32 grid
+``s_w * s_in``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def simulate(exp: TengineExport, x: np.ndarray, batch_size: int = 250) -> np.nda
             s_b = (exp.weight_steps[n.name] * s_in).astype(np.float32)
             b = g.param(n, "bias")
             safe = np.where(s_b == 0, np.float32(1), s_b)
-            g.params[n.params["bias"]] = np.where(s_b == 0, 0, round_half_away(b / safe) * s_b).astype(np.float32)
+            b_q = np.where(s_b == 0, 0, round_half_away(b / safe) * s_b)
+            g.params[n.params["bias"]] = b_q.astype(np.float32)
 
     def hook(t: str, s: mx.sym.Symbol) -> mx.sym.Symbol:
         return fake_quant(s, step[exp.tensor_map[t]]) if t in exp.tensor_map else s

@@ -90,10 +90,10 @@ class ScaleRecord:
 
 @dataclass
 class TengineExport:
-    """The lowered model: ``graph`` (Dropout gone, BN folded, weights on the int8 grid; what the json/params
-    hold), ``scales`` (every Tengine tensor, input first), ``tensor_map`` (IR tensor -> Tengine tensor; a fused
-    activation's output maps to its conv, the conv's pre-activation tensor is absent), ``fused`` (conv ->
-    ``relu``/``relu6``) and the per-channel ``weight_steps``."""
+    """The lowered model: ``graph`` (Dropout gone, BN folded, weights on the int8 grid; what the
+    json/params hold), ``scales`` (every Tengine tensor, input first), ``tensor_map`` (IR tensor -> Tengine
+    tensor; a fused activation's output maps to its conv, the conv's pre-activation tensor is absent),
+    ``fused`` (conv -> ``relu``/``relu6``) and the per-channel ``weight_steps``."""
 
     name: str
     graph: Graph
@@ -118,13 +118,13 @@ def check_supported(g: Graph, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     for n in g.nodes:
         a, where = n.attrs, _where(g, n)
         if n.op not in TENGINE_OPS:
-            hint = " (BatchNorm that cannot be folded into a Conv/FC: Tengine's graph optimizer folds it across " \
-                   "the fan-out and has no int8 BatchNorm)" if n.op == "BatchNorm" else ""
+            hint = (" (BatchNorm that cannot be folded into a Conv/FC: Tengine's graph optimizer folds it "
+                    "across the fan-out and has no int8 BatchNorm)") if n.op == "BatchNorm" else ""
             raise TengineExportError(f"{where}: op {n.op} is not exportable to Tengine int8{hint}; "
                                      f"supported ops: {', '.join(TENGINE_OPS)}")
         if n.op == "Convolution" and any(d != 1 for d in a["dilate"]):
-            raise TengineExportError(f"{where}: dilation {a['dilate']} - Tengine's converter ignores 'dilate' "
-                                     "and would run it as dilation 1")
+            raise TengineExportError(f"{where}: dilation {a['dilate']} - Tengine's converter ignores "
+                                     "'dilate' and would run it as dilation 1")
         if n.op == "Convolution" and len(a["kernel"]) != 2:
             raise TengineExportError(f"{where}: only 2-D convolutions are supported by Tengine")
         if n.op in ("Convolution", "FullyConnected"):
@@ -151,12 +151,15 @@ def check_supported(g: Graph, shapes: dict[str, tuple[int, ...]]) -> list[str]:
         if n.op == "Pooling" and a["pool_type"] not in ("max", "avg"):
             raise TengineExportError(f"{where}: pool_type {a['pool_type']}; supported: max, avg")
         if n.op == "Activation" and a["act_type"] not in ("relu", "sigmoid", "tanh", "softmax"):
-            raise TengineExportError(f"{where}: act_type {a['act_type']}; supported: relu, sigmoid, tanh, softmax")
+            raise TengineExportError(f"{where}: act_type {a['act_type']}; "
+                                     "supported: relu, sigmoid, tanh, softmax")
         if n.op == "clip" and activation_kind(n) != "relu6":
-            raise TengineExportError(f"{where}: clip({a['a_min']}, {a['a_max']}); Tengine accepts only clip(0, 6)")
+            raise TengineExportError(f"{where}: clip({a['a_min']}, {a['a_max']}); "
+                                     "Tengine accepts only clip(0, 6)")
         fused_into = g.node(a["fusable_into"]).op if "fusable_into" in a else None
         if n.op == "clip" and fused_into != "Convolution":
-            raise TengineExportError(f"{where}: ReLU6 not fused into a Convolution - Tengine has no int8 ReLU6")
+            raise TengineExportError(f"{where}: ReLU6 not fused into a Convolution - "
+                                     "Tengine has no int8 ReLU6")
         if n.op == "LeakyReLU" and a["act_type"] != "leaky":
             raise TengineExportError(f"{where}: LeakyReLU act_type {a['act_type']}; supported: leaky")
         if n.op == "Concat" and a["dim"] != 1:
@@ -169,9 +172,11 @@ def check_supported(g: Graph, shapes: dict[str, tuple[int, ...]]) -> list[str]:
 def _rewrite_softmax(g: Graph, shapes: dict[str, tuple[int, ...]]) -> None:
     """``softmax`` / ``SoftmaxOutput`` -> ``SoftmaxActivation`` (Tengine rejects lowercase softmax)."""
     for n in g.nodes:
-        if n.op == "SoftmaxOutput" or (n.op == "softmax" and len(shapes[n.inputs[0]]) == 2
-                                       and n.attrs["axis"] in (1, -1) and n.attrs["temperature"] in (None, 1.0)):
-            n.op, n.attrs = "SoftmaxActivation", {"mode": "channel" if n.attrs.get("multi_output") else "instance"}
+        a = n.attrs
+        plain = n.op == "softmax" and len(shapes[n.inputs[0]]) == 2 and a["axis"] in (1, -1) \
+            and a["temperature"] in (None, 1.0)
+        if n.op == "SoftmaxOutput" or plain:
+            n.op, n.attrs = "SoftmaxActivation", {"mode": "channel" if a.get("multi_output") else "instance"}
         elif n.op == "Activation" and n.attrs["act_type"] == "softmax":
             n.op, n.attrs = "SoftmaxActivation", {"mode": "channel"}
 
@@ -183,7 +188,8 @@ def tengine_tensor_map(g: Graph) -> tuple[dict[str, str], dict[str, str]]:
     for n in g.nodes:
         kind = activation_kind(n)
         conv = g.node(n.attrs["fusable_into"]) if "fusable_into" in n.attrs else None
-        if kind in ("relu", "relu6") and conv is not None and conv.op == "Convolution" and n.op != "LeakyReLU":
+        into_conv = conv is not None and conv.op == "Convolution"
+        if kind in ("relu", "relu6") and n.op != "LeakyReLU" and into_conv:
             del mapping[conv.output]
             mapping[n.output] = conv.output
             fused[conv.name] = kind
@@ -229,8 +235,8 @@ def lower(g: Graph, ranges: dict[str, tuple[float, float]] | None = None, name: 
             lo, hi = ranges[ir_t]
             thr[tg_t] = ScaleRecord(tg_t, max(abs(lo), abs(hi)), lo, hi, "calibration-minmax")
         else:
-            raise TengineExportError(f"{g.name}: tensor {ir_t!r} has no threshold (no scale-file entry and no "
-                                     "calibration range); Tengine needs a scale for every tensor")
+            raise TengineExportError(f"{g.name}: tensor {ir_t!r} has no threshold (no scale-file entry and "
+                                     "no calibration range); Tengine needs a scale for every tensor")
     for n in g.nodes:  # softmax outputs lie in [0, 1]: Tengine's own tools use step 1/127
         if n.op == "SoftmaxActivation":
             t = mapping[n.output]
@@ -275,7 +281,7 @@ def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
 
 def lower_model(graph: Graph, calib_batches: Iterable[np.ndarray] | None, name: str | None = None,
                 codes: dict[str, np.ndarray] | None = None) -> TengineExport:
-    """:func:`prepare`, calibrate the tensors without a threshold (min-max over ``calib_batches``), :func:`lower`."""
+    """:func:`prepare`, min-max calibrate tensors without a threshold on ``calib_batches``, :func:`lower`."""
     fingerprint = graph_fingerprint(graph)
     g = prepare(graph, codes)
     ranges = tensor_ranges(g, calib_batches) if calib_batches is not None else None

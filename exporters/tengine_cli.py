@@ -82,8 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export-tengine", help="export MXNet json/params + Tengine int8 scale table",
         description="Fold BN, place weights on Tengine's per-channel int8 grid, calibrate every tensor "
-                    "(min-max) unless a scale file gives it, and write <name>-symbol.json, <name>-0000.params "
-                    "(for Tengine's convert_tool), <name>.scale (quant_tool_int8 -f) and <name>.scales.json.")
+                    "(min-max) unless a scale file gives it, and write <name>-symbol.json, "
+                    "<name>-0000.params (for Tengine's convert_tool), <name>.scale (quant_tool_int8 -f) "
+                    "and <name>.scales.json.")
     p.add_argument("model", nargs="?", help="built-in model (mobilenet0.25, resnet20) or gluoncv model name")
     p.add_argument("--symbol", help="MXNet x-symbol.json (with --params)")
     p.add_argument("--params", help="MXNet x-0000.params (legacy format)")

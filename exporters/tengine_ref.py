@@ -1,9 +1,10 @@
 """NumPy reference of Tengine's int8 CPU arithmetic, run on exported files (json/params + scale table).
 
-Follows ``tengine-int8.md`` §3.4/§5: weights re-quantized the way quant_tool_int8 does (``s_w = max|w|/127`` per
-output channel, ``q = round(w/s_w)``, bias ``round(b / (s_w*s_in))`` as int32); Conv: int32 accumulate + bias,
-float dequant by ``s_in*s_w[c]``, fused ReLU/ReLU6 in float, ``round`` half away from zero, clamp +-127; FC:
-``(acc + bias) * (s_in*s_w/s_out)``; pooling, eltwise, concat, flatten and standalone activations as listed there.
+Follows ``tengine-int8.md`` §3.4/§5: weights re-quantized the way quant_tool_int8 does (``s_w = max|w|/127``
+per output channel, ``q = round(w/s_w)``, bias ``round(b / (s_w*s_in))`` as int32); Conv: int32 accumulate +
+bias, float dequant by ``s_in*s_w[c]``, fused ReLU/ReLU6 in float, ``round`` half away from zero, clamp +-127;
+FC: ``(acc + bias) * (s_in*s_w/s_out)``; pooling, eltwise, concat, flatten and standalone activations as
+listed there.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _conv_acc(xq: np.ndarray, wq: np.ndarray, a: dict) -> np.ndarray:
         og = o // groups
         parts = []
         for gi in range(groups):
-            cols = win[:, gi * cg:(gi + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, cg * kh * kw)
+            cols = win[:, gi * cg:(gi + 1) * cg].transpose(0, 2, 3, 1, 4, 5)
+            cols = cols.reshape(n * ho * wo, cg * kh * kw)
             parts.append((cols @ w[gi * og:(gi + 1) * og].reshape(og, -1).T).reshape(n, ho, wo, og))
         acc = np.concatenate(parts, axis=3).transpose(0, 3, 1, 2)
     return acc.astype(np.int64)
@@ -116,7 +118,8 @@ class TengineReference:
             prod = g.producer(n.inputs[0]) if n.inputs else None
             relu = n.op == "Activation" and n.attrs["act_type"] == "relu"
             relu6 = n.op == "clip" and (n.attrs["a_min"], n.attrs["a_max"]) == (0.0, 6.0)
-            if (relu or relu6) and prod is not None and prod.op == "Convolution" and g.n_uses(prod.output) == 1:
+            conv = prod is not None and prod.op == "Convolution" and g.n_uses(prod.output) == 1
+            if (relu or relu6) and conv:
                 self.fused[prod.name] = n
                 self.name_of[n.output] = prod.output
         missing = [t for t in dict.fromkeys(self.name_of.values()) if t not in self.steps]
@@ -170,7 +173,8 @@ class TengineReference:
                 parts = []
                 for q, s in zip(ins, s_ins, strict=True):
                     r = round_half_away(q.astype(F32) * F32(s) / F32(s_out))
-                    parts.append(np.where(r < -QMAX, QMAX, np.minimum(r, QMAX)).astype(np.int8))  # Tengine's bug
+                    r = np.where(r < -QMAX, QMAX, np.minimum(r, QMAX))  # Tengine's bug: < -127 -> +127
+                    parts.append(r.astype(np.int8))
                 out = np.concatenate(parts, axis=a["dim"])
             elif n.op == "Flatten":
                 if s_ins[0] != s_out:

@@ -1,5 +1,6 @@
-"""Serialise a lowered :class:`~deployq.exporters.tengine.TengineExport`: MXNet json/params, Tengine's scale
-table and deployq's JSON scale file. No decisions here; files appear atomically (temporary names, then rename)."""
+"""Serialise a lowered :class:`~deployq.exporters.tengine.TengineExport`: MXNet json/params, Tengine's
+scale table and deployq's JSON scale file. No decisions here; files appear atomically (temporary names, then
+rename)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .tengine import QMAX, TengineExport
 
 
 def render_scale_table(exp: TengineExport) -> str:
-    """Tengine's ``<tensor> <step> 0`` lines (full precision, ``%.9g``) from ``templates/tengine_scale.txt.j2``."""
+    """Tengine's ``<tensor> <step> 0`` lines (``%.9g``) from ``templates/tengine_scale.txt.j2``."""
     text = resources.files("deployq.templates").joinpath("tengine_scale.txt.j2").read_text()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.from_string(text).render(scales=exp.scales)
@@ -28,13 +29,15 @@ def render_scale_table(exp: TengineExport) -> str:
 
 def scale_file_dict(exp: TengineExport) -> dict:
     """deployq's scale file (docs/design.md) with one entry per Tengine tensor."""
-    tensors = {r.tensor: {"tensor": r.tensor, "kind": "activation", "method": r.source, "threshold": r.threshold,
-                          "lo": r.lo, "hi": r.hi, "bits": 8, "signed": True, "zero_point": 0, "step": r.step,
+    tensors = {r.tensor: {"tensor": r.tensor, "kind": "activation", "method": r.source,
+                          "threshold": r.threshold, "lo": r.lo, "hi": r.hi, "bits": 8, "signed": True,
+                          "zero_point": 0, "step": r.step,
                           "convention": "step = threshold / qmax (int -> float); Tengine scale = step"}
                for r in exp.scales}
     layers = {k: {"quantized": True, "weight_bits": 8, "weight_granularity": "channel",
                   "weight_step": [float(v) for v in s]} for k, s in exp.weight_steps.items()}
-    return {"schema": "deployq.scales", "version": 1, "model": {"name": exp.name, "fingerprint": exp.fingerprint},
+    model = {"name": exp.name, "fingerprint": exp.fingerprint}
+    return {"schema": "deployq.scales", "version": 1, "model": model,
             "profile": "tengine", "producer": f"deployq {deployq.__version__} export-tengine", "qmax": QMAX,
             "tensors": tensors, "layers": layers}
 

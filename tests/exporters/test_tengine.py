@@ -10,15 +10,15 @@ import struct
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import gluon
-
-from deployq.data import load_mnist5k
 from deployq.exporters import tengine
 from deployq.exporters.frontend import from_files, from_gluon
 from deployq.exporters.mxnet_lower import run
 from deployq.exporters.simulate import simulate
 from deployq.exporters.tengine_ref import TengineReference, read_scale_table
 from deployq.exporters.tengine_writer import write
+from mxnet import gluon
+
+from deployq.data import load_mnist5k
 from deployq.zoo import get_trained
 
 from .conftest import MODELS, rel_err
@@ -67,7 +67,7 @@ def test_files_tengine_parses(exported):
     _, _, _, (js, ps, *_) = exported
     text = js.read_text()
     d = json.loads(text)
-    assert text.startswith('{\n  "nodes": [\n    {\n      "op": "null", \n      "name": "data"')  # Symbol.save layout
+    assert text.startswith('{\n  "nodes": [\n    {\n      "op": "null", \n      "name": "data"')
     names = [n["name"] for n in d["nodes"]]
     assert len(set(names)) == len(names)
     ops = {n["op"] for n in d["nodes"]}

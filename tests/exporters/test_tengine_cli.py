@@ -1,4 +1,4 @@
-"""``deployq export-tengine``: deterministic output, and bad inputs fail cleanly (message, exit 2, no files)."""
+"""``deployq export-tengine``: deterministic output; bad inputs fail cleanly (message, exit 2, no files)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import re
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet.gluon import nn
-
 from deployq.exporters.tengine_cli import main
+from mxnet.gluon import nn
 
 
 def _export_small(tmp_path, name="small"):
@@ -31,7 +30,8 @@ def _cli(js, ps, out, *extra):
 
 def test_files_and_byte_identical(tmp_path, capsys):
     for d in ("a", "b"):
-        assert main(["export-tengine", "mobilenet0.25", "--out", str(tmp_path / d), "--calib-samples", "128"]) == 0
+        args = ["export-tengine", "mobilenet0.25", "--out", str(tmp_path / d), "--calib-samples", "128"]
+        assert main(args) == 0
     printed = capsys.readouterr().out
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == ["mobilenet0.25-0000.params", "mobilenet0.25-symbol.json", "mobilenet0.25.scale",

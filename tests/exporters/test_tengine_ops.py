@@ -6,14 +6,13 @@ from __future__ import annotations
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import gluon
-from mxnet.gluon import nn
-
 from deployq.exporters import tengine
 from deployq.exporters.frontend import from_gluon
 from deployq.exporters.simulate import simulate
 from deployq.exporters.tengine_ref import TengineReference
 from deployq.exporters.tengine_writer import write
+from mxnet import gluon
+from mxnet.gluon import nn
 
 X = np.random.default_rng(5).normal(size=(64, 3, 16, 16)).astype(np.float32)
 
@@ -66,7 +65,7 @@ def test_all_ops_match_reference(tmp_path):
     cat = next(n for n in exp.graph.nodes if n.op == "Concat")
     s = {r.tensor: r.step for r in exp.scales}
     assert s[cat.output] >= max(s[exp.tensor_map[t]] for t in cat.inputs)
-    assert "%.9g" % s["data"] in paths[2].read_text()
+    assert f"data {s['data']:.9g} 0\n" in paths[2].read_text()
 
 
 def _seq(*layers, shape=(1, 3, 16, 16)):
@@ -81,7 +80,8 @@ def _seq(*layers, shape=(1, 3, 16, 16)):
     (lambda: [nn.Conv2D(4, 3, dilation=2, in_channels=3)], r"layer '0' \(Convolution\): dilation \(2, 2\)"),
     (lambda: [nn.Conv2D(4, 3, in_channels=3), nn.AvgPool2D(3, 1, padding=1)],
      r"layer '1' \(Pooling\): padded average pooling with count_include_pad=True"),
-    (lambda: [nn.Conv2D(4, 3, in_channels=3), nn.Dense(1)], r"layer '1' \(FullyConnected\): one output channel"),
+    (lambda: [nn.Conv2D(4, 3, in_channels=3), nn.Dense(1)],
+     r"layer '1' \(FullyConnected\): one output channel"),
 ])
 def test_refuses(layers, msg):
     g = from_gluon(_seq(*layers()), (1, 3, 16, 16))
@@ -131,8 +131,8 @@ def test_dead_channel():
     w[2] = 0
     g.params["0.weight"] = w
     g.params["0.bias"] = np.array([0, 0, 0.5, 0], np.float32)
-    with pytest.raises(tengine.TengineExportError, match=r"layer '0' \(Convolution\): output channel\(s\) \[2\] "
-                                                         r"have all-zero weights but a non-zero bias"):
+    msg = r"layer '0' \(Convolution\): output channel\(s\) \[2\] have all-zero weights but a non-zero bias"
+    with pytest.raises(tengine.TengineExportError, match=msg):
         tengine.lower_model(g, [X])
     g.params["0.bias"] = np.zeros(4, np.float32)
     with pytest.warns(UserWarning, match=r"layer '0' .*\[2\] have all-zero weights and bias"):
