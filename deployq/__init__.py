@@ -1,3 +1,20 @@
 """deployq: quantize MXNet Gluon CNNs on an inference engine's exact int8 grid and export them."""
 
 __version__ = "0.1.0"
+
+from .api import (  # noqa: E402
+    Trainer,
+    describe,
+    export_scales,
+    fingerprint,
+    float_mode,
+    load,
+    quant_layers,
+    quantize,
+    save,
+)
+from .config import ConfigError, LayerConfig  # noqa: E402
+from .profiles import Profile, load_profile  # noqa: E402
+
+__all__ = ["quantize", "describe", "quant_layers", "float_mode", "export_scales", "fingerprint", "save", "load",
+           "Trainer", "ConfigError", "LayerConfig", "Profile", "load_profile", "__version__"]

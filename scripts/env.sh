@@ -7,8 +7,9 @@ command -v "$py" >/dev/null 2>&1 || py=python3
 if [ ! -x "$root/.venv/bin/python" ] || [ "$root/pyproject.toml" -nt "$root/.venv/.deployq-installed" ]; then
   echo "deployq: setting up $root/.venv (first run takes about a minute)" >&2
   "$py" -m venv "$root/.venv"
-  "$root/.venv/bin/python" -m pip install -q --upgrade pip
-  "$root/.venv/bin/python" -m pip install -q -e "$root[dev]"
+  # (pip's notes about unused local index folders are filtered out; real errors still fail the script)
+  "$root/.venv/bin/python" -m pip install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
+  "$root/.venv/bin/python" -m pip install -q -e "$root[dev]" 2>&1 | { grep -v -e "^WARNING: Location" || true; }
   touch "$root/.venv/.deployq-installed"
 fi
 # shellcheck disable=SC1091

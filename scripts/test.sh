@@ -3,5 +3,5 @@
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 cd "$(dirname "$0")/.."
-ruff check deployq exporters calib tests benchmarks
+ruff check .
 exec python -m pytest -q -p no:cacheprovider "$@"

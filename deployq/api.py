@@ -1,0 +1,311 @@
+"""deployq's Python API: quantize a Gluon net, describe it, switch it to fp32, save/load it, train it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+from mxnet.gluon import nn
+
+from .blocks import ALGORITHMS, QUANT_TYPES, BypassBatchNorm, is_quant_block
+from .config import LayerConfig, resolve
+from .naming import block_paths, prefix_map, structure_fingerprint
+from .profiles import Profile, load_profile
+
+
+def _float_type(b: gluon.Block) -> type | None:
+    return next((t for t in QUANT_TYPES if type(b) is t), None)
+
+
+def _parent_of(paths: dict[str, gluon.Block], path: str) -> tuple[gluon.Block, str]:
+    parent, _, key = path.rpartition(".")
+    return paths[parent], key
+
+
+def _replace_child(parent: gluon.Block, key: str, new: gluon.Block) -> None:
+    old = parent._children[key]
+    parent._children[key] = new
+    for attr, val in list(parent.__dict__.items()):
+        if val is old:
+            object.__setattr__(parent, attr, new)
+
+
+def trace_symbol(net: gluon.HybridBlock) -> mx.sym.Symbol:
+    """The net's symbol on input ``data`` (the net must be a HybridBlock)."""
+    if not isinstance(net, gluon.HybridBlock):
+        raise TypeError(f"deployq needs a HybridBlock (got {type(net).__name__}); it reads the graph by tracing")
+    out = net(mx.sym.var("data"))
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def conv_bn_pairs(net: gluon.HybridBlock) -> dict[str, str]:
+    """Conv2D path -> BatchNorm path for every convolution whose only consumer is a BatchNorm (by topology)."""
+    nodes = json.loads(trace_symbol(net).tojson())["nodes"]
+    consumers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for src, *_ in n["inputs"]:
+            consumers.setdefault(src, []).append(i)
+    pm = prefix_map(net)
+    by_prefix = {p: path for p, path in pm.items()}
+    pairs = {}
+    for i, n in enumerate(nodes):
+        if n["op"] != "Convolution" or len(consumers.get(i, [])) != 1:
+            continue
+        bn = nodes[consumers[i][0]]
+        if bn["op"] != "BatchNorm" or bn["inputs"][0][0] != i:
+            continue
+        conv_path = by_prefix.get(n["name"][: -len("fwd")]) if n["name"].endswith("fwd") else None
+        bn_path = by_prefix.get(bn["name"][: -len("fwd")]) if bn["name"].endswith("fwd") else None
+        if conv_path is not None and bn_path is not None:
+            pairs[conv_path] = bn_path
+    return pairs
+
+
+def _clear_cache(net: gluon.Block) -> None:
+    for b in block_paths(net).values():
+        if isinstance(b, gluon.HybridBlock):
+            b._clear_cached_op()
+
+
+def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = None,
+             profile: str | Profile = "ncnn", algorithm: str = "qat", ema_momentum: float = 0.9
+             ) -> gluon.HybridBlock:
+    """Swap Conv2D/Dense layers of ``net`` for fake-quantized ones, in place, and return ``net``.
+
+    Args:
+        net: a Gluon HybridBlock (a gluoncv model or your own), initialised with known shapes.
+        config_list: which layers and how (see ``deployq.config``); default: weights and inputs of every
+            Conv2D and Dense on the profile's grid.
+        profile: ``ncnn``, ``tengine``, ``onnx``, ``custom`` or a Profile: the engine's integer grid, rounding
+            and scale convention, used by the simulation and by training.
+        algorithm: ``naive``, ``qat``, ``dorefa``, ``lsq``, ``bnn`` or ``observer``.
+        ema_momentum: momentum of the tracked input ranges (first training batch initialises them).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; supported: {', '.join(ALGORITHMS)}")
+    prof = load_profile(profile)
+    if quant_layers(net):
+        raise ValueError("net is already quantized (it has deployq quantized layers)")
+    paths = block_paths(net)
+    layers: dict[str, tuple[str, bool]] = {}
+    for path, b in paths.items():
+        t = _float_type(b)
+        if t is None or not path:
+            continue
+        groups = int(b._kwargs.get("num_group", 1)) if t is nn.Conv2D else 1
+        depthwise = t is nn.Conv2D and groups > 1 and groups == int(b._channels)
+        layers[path] = (t.__name__, depthwise)
+    cfgs = resolve(config_list, layers, prof)
+    if prof.winograd_3x3 == "six_bit":
+        cfgs = {k: _six_bit(c, paths[k]) for k, c in cfgs.items()}
+    pairs = conv_bn_pairs(net) if any(c.fake_bn and c.weight is not None for c in cfgs.values()) else {}
+    for path, cfg in cfgs.items():
+        if not cfg.quantized:
+            continue
+        blk = paths[path]
+        bn_path = pairs.get(path) if cfg.fake_bn and cfg.weight is not None else None
+        bn = paths[bn_path] if bn_path else None
+        q = QUANT_TYPES[_float_type(blk)].from_float(blk, cfg, prof, algorithm, ema_momentum, bn, bn_path)
+        _replace_child(*_parent_of(paths, path), q)
+        if bn is not None:
+            _replace_child(*_parent_of(paths, bn_path), BypassBatchNorm.from_float(bn))
+    net._deployq = {"profile": prof.name, "algorithm": algorithm, "config_list": config_list,
+                    "ema_momentum": ema_momentum}
+    _clear_cache(net)
+    return net
+
+
+def _six_bit(cfg: LayerConfig, blk: gluon.Block) -> LayerConfig:
+    """ncnn2table's rule: 3x3 stride-1 dilation-1 Convolution (not depthwise) gets 6-bit weights (codes ±31)."""
+    from dataclasses import replace
+
+    kw = getattr(blk, "_kwargs", {})
+    if (cfg.weight is not None and cfg.op_type == "Conv2D" and tuple(kw.get("kernel", ())) == (3, 3)
+            and tuple(kw.get("stride", (1, 1))) == (1, 1) and tuple(kw.get("dilate", (1, 1))) == (1, 1)
+            and int(kw.get("num_group", 1)) == 1):
+        return replace(cfg, weight=replace(cfg.weight, bits=min(cfg.weight.bits, 6)))
+    return cfg
+
+
+def quant_layers(net: gluon.Block) -> OrderedDict[str, gluon.Block]:
+    """The quantized layers of ``net`` by structural name."""
+    return OrderedDict((p, b) for p, b in block_paths(net).items() if is_quant_block(b))
+
+
+@contextlib.contextmanager
+def float_mode(net: gluon.Block):
+    """Within this context the quantized net computes exactly its original fp32 graph."""
+    blocks = list(block_paths(net).values())
+    saved = [(b, b._dq_float) for b in blocks if is_quant_block(b)]
+    bns = [b for b in blocks if isinstance(b, BypassBatchNorm)]
+    for b, _ in saved:
+        b._dq_float = True
+    for b in bns:
+        b._dq_bypass = False
+    _clear_cache(net)
+    try:
+        yield net
+    finally:
+        for b, v in saved:
+            b._dq_float = v
+        for b in bns:
+            b._dq_bypass = True
+        _clear_cache(net)
+
+
+def fingerprint(net: gluon.HybridBlock) -> str:
+    """Structure fingerprint of the fp32 graph (equal for the net and its json/params export)."""
+    with float_mode(net):
+        return structure_fingerprint(trace_symbol(net).tojson())
+
+
+def _grid_text(g) -> str:
+    if g is None:
+        return "-"
+    return f"{'int' if g.signed else 'uint'}{g.bits} {g.granularity}{'' if g.symmetric else ' affine'}"
+
+
+def describe(net: gluon.Block) -> str:
+    """A table of every Conv2D/Dense layer with the configuration it got."""
+    rows = [("layer", "type", "weight", "input", "output", "input mode", "fake BN", "start", "entry")]
+    for path, b in block_paths(net).items():
+        if is_quant_block(b):
+            c = b.layer_config
+            rows.append((path, c.op_type, _grid_text(c.weight), _grid_text(c.input), _grid_text(c.output),
+                         c.input_mode, b.bn_path or "-", str(c.quant_start_step), str(c.entry)))
+        elif _float_type(b) is not None and path:
+            rows.append((path, _float_type(b).__name__, "fp32", "fp32", "-", "-", "-", "-", "excluded"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    info = getattr(net, "_deployq", None)
+    head = f"profile={info['profile']} algorithm={info['algorithm']}\n" if info else ""
+    return head + "\n".join(lines)
+
+
+def export_scales(net: gluon.HybridBlock, model_name: str = "", method: str = "tracked") -> dict[str, Any]:
+    """The scale-file dict (docs/design.md) of a quantized net: one input entry per quantized layer."""
+    info = getattr(net, "_deployq", {})
+    tensors, layers = {}, {}
+    for path, b in quant_layers(net).items():
+        c = b.layer_config
+        layers[path] = {"quantized": True,
+                        "weight_bits": c.weight.bits if c.weight else None,
+                        "weight_granularity": c.weight.granularity if c.weight else None,
+                        "input_quantized": c.input is not None,
+                        "fake_bn": b.bn_path}
+        if c.input is None:
+            continue
+        lo, hi = b.input_range()
+        g = c.input
+        thr = b.input_threshold()
+        if g.symmetric:
+            step, zp = (thr / g.qmax if thr > 0 else 1.0), 0
+        else:
+            lo0, hi0 = min(lo, 0.0), max(hi, 0.0)
+            step = (hi0 - lo0) / (g.qmax - g.qmin) if hi0 > lo0 else 1.0
+            zp = int(np.clip(np.round(g.qmin - lo0 / step), g.qmin, g.qmax))
+        tensors[f"{path}:input"] = {
+            "layer": path, "kind": "input", "method": method, "threshold": thr, "lo": lo, "hi": hi,
+            "bits": g.bits, "signed": g.signed, "symmetric": g.symmetric, "zero_point": zp, "step": step,
+            "convention": "step = threshold / qmax (int -> float); ncnn multiplier = qmax / threshold",
+            "samples": int(b.input_state.data().asnumpy()[3]),
+        }
+    return {"schema": "deployq.scales", "version": 1,
+            "model": {"name": model_name, "fingerprint": fingerprint(net)},
+            "profile": info.get("profile", ""), "producer": f"deployq export_scales ({info.get('algorithm')})",
+            "tensors": tensors, "layers": layers}
+
+
+# ---------------------------------------------------------------------- save / load
+
+def save(net: gluon.HybridBlock, path: str | os.PathLike, model_name: str = "",
+         input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> tuple[Path, Path]:
+    """Save a quantized net: ``<path>.params`` (weights, tracked ranges, steps) and ``<path>.deployq.json``."""
+    info = getattr(net, "_deployq", None)
+    if info is None:
+        raise ValueError("not a deployq-quantized net (call deployq.quantize first)")
+    base = Path(path)
+    params, meta = base.with_suffix(".params"), base.with_suffix(".deployq.json")
+    tmp = base.with_suffix(".params.tmp")
+    net.save_parameters(str(tmp))
+    meta_tmp = base.with_suffix(".json.tmp")
+    meta_tmp.write_text(json.dumps({**info, "model": model_name, "input_shape": list(input_shape),
+                                    "format": "deployq.qnet/1"}, indent=2))
+    os.replace(tmp, params)
+    os.replace(meta_tmp, meta)
+    return params, meta
+
+
+def load(path: str | os.PathLike, net: gluon.HybridBlock | None = None,
+         ctx: mx.Context | None = None) -> gluon.HybridBlock:
+    """Load a net saved with :func:`save`. ``net`` is a fresh fp32 net of the same architecture; if omitted,
+    the built-in model named in the file is built."""
+    base = Path(path)
+    if base.suffix == ".params":
+        base = base.with_suffix("")
+    meta_path, params = base.with_suffix(".deployq.json"), base.with_suffix(".params")
+    for p in (meta_path, params):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: missing (a saved quantized net is <name>.params + <name>.deployq.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != "deployq.qnet/1":
+        raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}; expected 'deployq.qnet/1'")
+    if net is None:
+        from .zoo import get_model
+
+        if not meta.get("model"):
+            raise ValueError(f"{meta_path}: no model name recorded; pass the fp32 net to deployq.load(path, net)")
+        net = get_model(meta["model"])
+    ctx = ctx or mx.cpu()
+    if not net._collect_params_with_prefix() or any(p._data is None for p in net.collect_params().values()):
+        net.initialize(ctx=ctx, force_reinit=False)
+        net(mx.nd.zeros(tuple(meta["input_shape"]), ctx=ctx))
+    quantize(net, meta["config_list"], meta["profile"], meta["algorithm"], meta["ema_momentum"])
+    net.load_parameters(str(params), ctx=ctx)
+    return net
+
+
+# ---------------------------------------------------------------------- training
+
+class Trainer(gluon.Trainer):
+    """A gluon.Trainer for QAT. After every step it keeps tracked ranges identical on every context (exact:
+    the elementwise min/max of the per-context moving averages equals the moving average of the whole batch's
+    min/max), averages fake-BN running statistics across contexts, and initialises LSQ input steps from the
+    first tracked range."""
+
+    def step(self, batch_size, ignore_stale_grad=False):
+        # sync first: gluon's first step initialises its kvstore from context 0 and broadcasts it
+        self.sync()
+        super().step(batch_size, ignore_stale_grad)
+
+    def sync(self) -> None:
+        by_name = {p.name: p for p in self._params}
+        for name, p in by_name.items():
+            if name.endswith("input_state") or name.endswith("output_state"):
+                arrs = p.list_data()
+                if len(arrs) > 1:
+                    stack = mx.nd.stack(*[a.as_in_context(arrs[0].context) for a in arrs])
+                    mins, maxs = stack.min(axis=0), stack.max(axis=0)
+                    merged = mx.nd.concat(mins[0:1], maxs[1:4], dim=0)
+                    for a in arrs:
+                        a[:] = merged.as_in_context(a.context)
+                if name.endswith("input_state"):
+                    lsq = by_name.get(name[: -len("input_state")] + "input_lsq_step")
+                    if lsq is not None and float(lsq.data().asnumpy()[0]) <= 0:
+                        st = p.data().asnumpy()
+                        blk_signed = st[0] < 0
+                        t = max(abs(st[0]), abs(st[1])) if blk_signed else max(st[1], 0.0)
+                        lsq.set_data(mx.nd.array([t / 127.0 if t > 0 else 1e-3]))
+            elif name.endswith("running_mean") or name.endswith("running_var"):
+                arrs = p.list_data()
+                if len(arrs) > 1:
+                    mean = mx.nd.add_n(*[a.as_in_context(arrs[0].context) for a in arrs]) / len(arrs)
+                    for a in arrs:
+                        a[:] = mean.as_in_context(a.context)

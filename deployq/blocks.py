@@ -1,0 +1,351 @@
+"""Fake-quantized Gluon layers: QuantConv2D and QuantDense (subclasses of Conv2D / Dense) and the BatchNorm
+bypass used when a BatchNorm is folded into the preceding convolution during training ("fake BN").
+
+Each quantized layer keeps the original parameters (same structural names) and adds:
+
+- ``input_state`` ``[lo, hi, initialized, steps]``: the tracked input range (moving average initialised from the
+  first training batch, updated automatically in training by the ``deployq_range`` operator) and the number of
+  training steps seen (for ``quant_start_step``);
+- ``output_state`` when outputs are quantized; ``weight_lsq_step`` / ``input_lsq_step`` for LSQ.
+
+Weights are quantized after BatchNorm folding when the layer trains with fake BN (running statistics, the
+BatchNorm's own eps; batch statistics of the raw, unfolded convolution update the running statistics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+from mxnet.gluon import nn
+
+from . import ops  # noqa: F401  (registers the custom operators)
+from .config import LayerConfig
+from .fakequant import fake_quantize, grad_scale, scale_from_threshold
+from .profiles import Profile, TensorGrid
+
+ALGORITHMS = ("naive", "qat", "dorefa", "lsq", "bnn", "observer")
+
+
+class BypassBatchNorm(nn.BatchNorm):
+    """A BatchNorm folded into the preceding QuantConv2D: identity while quantized, a plain BatchNorm in
+    ``deployq.float_mode``."""
+
+    _dq_bypass = True
+
+    @classmethod
+    def from_float(cls, bn: nn.BatchNorm) -> BypassBatchNorm:
+        b = cls.__new__(cls)
+        b.__dict__.update(bn.__dict__)
+        b._dq_bypass = True
+        return b
+
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
+        if self._dq_bypass:
+            return x
+        return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var)
+
+
+def _reduce_absmax(F, w, granularity: str, groups: int, out_channels: int, ndim: int):
+    """max|w| per quantization unit, broadcastable against ``w`` (shape (O,1,...) or (1,...))."""
+    a = F.abs(w)
+    if granularity == "layer":
+        return F.reshape(F.max(a), (1,) * ndim)
+    if granularity == "group" and 1 < groups < out_channels:
+        g = F.max(F.reshape(a, (groups, -1)), axis=1)
+        return F.reshape(F.repeat(g, repeats=out_channels // groups), (-1,) + (1,) * (ndim - 1))
+    return F.reshape(F.max(F.reshape(a, (0, -1)), axis=1), (-1,) + (1,) * (ndim - 1))
+
+
+class _QuantMixin:
+    """The fake-quantized forward shared by QuantConv2D and QuantDense."""
+
+    layer_config: LayerConfig
+    profile: Profile
+    algorithm: str
+
+    def _dq_init(self, cfg: LayerConfig, profile: Profile, algorithm: str, momentum: float,
+                 bn: nn.BatchNorm | None, bn_path: str | None) -> None:
+        self.layer_config, self.profile, self.algorithm = cfg, profile, algorithm
+        self._dq_float = False
+        self._dq_momentum = momentum
+        self.bn_path = bn_path
+        self._dq_bn_kwargs = dict(bn._kwargs) if bn is not None else None
+        ctx = self.weight.list_ctx() if self.weight._data is not None else None
+        with self.name_scope():
+            self.input_state = self.params.get("input_state", shape=(4,), init=mx.init.Zero(),
+                                               grad_req="null", differentiable=False)
+            if cfg.output is not None:
+                self.output_state = self.params.get("output_state", shape=(4,), init=mx.init.Zero(),
+                                                    grad_req="null", differentiable=False)
+            if algorithm == "lsq" and cfg.input is not None:
+                self.input_lsq_step = self.params.get("input_lsq_step", shape=(1,), init=mx.init.Zero())
+        for name in ("input_state", "output_state", "input_lsq_step"):
+            p = getattr(self, name, None)
+            if p is not None and p._data is None and p._deferred_init == ():
+                p.initialize(ctx=ctx)
+        if bn is not None:
+            for src, dst in (("gamma", "bn_gamma"), ("beta", "bn_beta"), ("running_mean", "bn_running_mean"),
+                             ("running_var", "bn_running_var")):
+                self._reg_params[dst] = getattr(bn, src)
+        if algorithm == "lsq" and cfg.weight is not None:
+            w = self._weight_for_init()
+            init = self._lsq_weight_init(w, cfg.weight)
+            with self.name_scope():
+                self.weight_lsq_step = self.params.get("weight_lsq_step", shape=init.shape,
+                                                       init=mx.init.Constant(0.0))
+            self.weight_lsq_step.initialize(ctx=ctx)
+            self.weight_lsq_step.set_data(mx.nd.array(init))
+
+    # ------------------------------------------------------------------ properties used by the forward
+    @property
+    def _groups(self) -> int:
+        return int(self._kwargs.get("num_group", 1)) if hasattr(self, "_kwargs") else 1
+
+    @property
+    def _out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    def _weight_for_init(self) -> np.ndarray:
+        if self.weight._data is None:
+            raise ValueError(f"layer {self.layer_config.name}: weights are not initialised; initialise the net and "
+                             f"run one forward (or load parameters) before deployq.quantize(algorithm='lsq')")
+        return self.folded_weight_bias()[0]
+
+    def _lsq_weight_init(self, w: np.ndarray, grid: TensorGrid) -> np.ndarray:
+        a = np.abs(w)
+        if grid.granularity == "layer":
+            m = np.array([a.mean()])
+        elif grid.granularity == "group" and 1 < self._groups < w.shape[0]:
+            m = a.reshape(self._groups, -1).mean(1)
+        else:
+            m = a.reshape(w.shape[0], -1).mean(1)
+        return (2 * m / math.sqrt(grid.qmax)).astype(np.float32)
+
+    # ------------------------------------------------------------------ activations
+    def _quant_activation(self, F, x, state, grid: TensorGrid | None, lsq_step=None):
+        """Track the range of ``x`` and fake-quantize it; returns (x̂, steps_before, is_train)."""
+        bl = F.reshape(F.min(x), (1,))
+        bh = F.reshape(F.max(x), (1,))
+        rule = "minmax" if self.algorithm == "observer" else "ema"
+        r = F.BlockGrad(F.Custom(F.BlockGrad(F.concat(bl, bh, dim=0)), state, op_type="deployq_range",
+                                 momentum=self._dq_momentum, rule=rule))
+        lo, hi = F.slice_axis(r, axis=0, begin=0, end=1), F.slice_axis(r, axis=0, begin=1, end=2)
+        steps, is_train = F.slice_axis(r, axis=0, begin=2, end=3), F.slice_axis(r, axis=0, begin=3, end=4)
+        if grid is None:
+            return x, steps, is_train
+        if self.layer_config.input_mode == "online":
+            lo, hi = F.BlockGrad(bl), F.BlockGrad(bh)
+        prof = self.profile
+        if self.algorithm == "bnn":
+            c = F.clip(x, -1.0, 1.0)
+            return c + F.BlockGrad(F.where(x >= 0, F.ones_like(x), -F.ones_like(x)) - c), steps, is_train
+        if grid.symmetric:
+            if grid.signed:
+                thr = F.maximum(F.abs(lo), F.abs(hi))
+            else:
+                thr = F.relu(hi)
+            if lsq_step is not None:
+                s0 = F.BlockGrad(scale_from_threshold(F, thr, grid.qmax, "step"))
+                s = F.where(lsq_step > 0, lsq_step, s0)
+                g = F.rsqrt(grid.qmax * F.cast(F.size_array(x), "float32"))
+                s = F.broadcast_mul(s, g) + F.BlockGrad(s - F.broadcast_mul(s, g))
+                xq = fake_quantize(F, x, s, grid.qmin, grid.qmax, None, prof.rounding, "step")
+            else:
+                scale = scale_from_threshold(F, thr, grid.qmax, prof.scale_convention)
+                xq = fake_quantize(F, x, scale, grid.qmin, grid.qmax, None, prof.rounding,
+                                   prof.scale_convention, mask_clipped=self.algorithm != "naive")
+        else:
+            lo0, hi0 = F.minimum(lo, F.zeros_like(lo)), F.maximum(hi, F.zeros_like(hi))
+            span = hi0 - lo0
+            step = F.where(span > 0, span, F.ones_like(span)) / (grid.qmax - grid.qmin)
+            zp = F.clip(F.round(grid.qmin - lo0 / step), grid.qmin, grid.qmax)
+            xq = fake_quantize(F, x, step, grid.qmin, grid.qmax, zp, prof.rounding, "step",
+                               mask_clipped=self.algorithm != "naive")
+        return xq, steps, is_train
+
+    # ------------------------------------------------------------------ weights
+    def _quant_weight(self, F, w, p):
+        grid = self.layer_config.weight
+        prof = self.profile
+        ndim = 4 if isinstance(self, QuantConv2D) else 2
+        amax = _reduce_absmax(F, w, grid.granularity, self._groups, self._out_channels, ndim)
+        amax = F.BlockGrad(amax)
+        if self.algorithm == "lsq":
+            s = p["weight_lsq_step"]
+            if grid.granularity == "group" and 1 < self._groups < self._out_channels:
+                s = F.repeat(s, repeats=self._out_channels // self._groups)
+            s = F.reshape(s, (-1,) + (1,) * (ndim - 1))
+            n = int(np.prod(self.weight.shape)) // self._lsq_units(grid)
+            s = grad_scale(F, s, 1.0 / math.sqrt(grid.qmax * max(1, n)))
+            return fake_quantize(F, w, s, grid.qmin, grid.qmax, None, prof.rounding, "step")
+        if self.algorithm == "bnn":
+            c = F.clip(F.broadcast_div(w, amax + 1e-12), -1.0, 1.0)
+            sign = F.where(w >= 0, F.ones_like(w), -F.ones_like(w))
+            return F.broadcast_mul(c + F.BlockGrad(sign - c), amax)
+        if self.algorithm == "dorefa":
+            t = F.tanh(w)
+            tmax = _reduce_absmax(F, t, grid.granularity, self._groups, self._out_channels, ndim)
+            u = F.broadcast_div(t, F.where(tmax > 0, tmax, F.ones_like(tmax)))
+            q = fake_quantize(F, u, F.ones_like(tmax) * grid.qmax, grid.qmin, grid.qmax, None, prof.rounding,
+                              "multiplier")
+            return F.broadcast_mul(q, amax)
+        scale = scale_from_threshold(F, amax, grid.qmax, prof.scale_convention)
+        return fake_quantize(F, w, scale, grid.qmin, grid.qmax, None, prof.rounding, prof.scale_convention,
+                             mask_clipped=False)
+
+    def _lsq_units(self, grid: TensorGrid) -> int:
+        if grid.granularity == "layer":
+            return 1
+        if grid.granularity == "group" and 1 < self._groups < self._out_channels:
+            return self._groups
+        return self._out_channels
+
+    # ------------------------------------------------------------------ fake BN
+    def _fold(self, F, x, weight, bias, p):
+        kw = self._dq_bn_kwargs
+        y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
+                          **{**self._kwargs, "no_bias": bias is None})
+        mean = F.mean(y, axis=(0, 2, 3))
+        var = F.mean(F.square(F.broadcast_sub(y, F.reshape(mean, (1, -1, 1, 1)))), axis=(0, 2, 3))
+        m = kw.get("momentum", 0.9)
+        rm = F.BlockGrad(F.Custom(F.BlockGrad(mean), p["bn_running_mean"], op_type="deployq_ema", momentum=m))
+        rv = F.BlockGrad(F.Custom(F.BlockGrad(var), p["bn_running_var"], op_type="deployq_ema", momentum=m))
+        return self._fold_with(F, weight, bias, p, rm, rv)
+
+    def _fold_with(self, F, weight, bias, p, rm, rv):
+        kw = self._dq_bn_kwargs
+        gamma = F.ones_like(p["bn_gamma"]) if kw.get("fix_gamma", False) else p["bn_gamma"]
+        k = gamma / F.sqrt(rv + kw.get("eps", 1e-5))
+        w = F.broadcast_mul(weight, F.reshape(k, (-1, 1, 1, 1)))
+        b = p["bn_beta"] + (0 - rm if bias is None else bias - rm) * k
+        return w, b
+
+    # ------------------------------------------------------------------ forward
+    def _layer(self, F, x, w, b):
+        raise NotImplementedError
+
+    def hybrid_forward(self, F, x, weight, bias=None, **p):
+        if self._dq_float:
+            return super().hybrid_forward(F, x, weight, bias)
+        cfg = self.layer_config
+        xq, steps, is_train = self._quant_activation(F, x, p["input_state"], cfg.input, p.get("input_lsq_step"))
+        if self._dq_bn_kwargs is not None:
+            w, b = self._fold(F, xq, weight, bias, p)
+        else:
+            w, b = weight, bias
+        wq = self._quant_weight(F, w, p) if cfg.weight is not None else w
+        if cfg.quant_start_step > 0:
+            active = steps >= cfg.quant_start_step
+            xq = x + F.broadcast_mul(active, xq - x)
+            wq = w + F.broadcast_mul(active, wq - w)
+        if self.algorithm == "observer":
+            xq = xq + F.broadcast_mul(is_train, x - xq)
+            wq = wq + F.broadcast_mul(is_train, w - wq)
+        out = self._layer(F, xq, wq, b)
+        if self.act is not None:
+            out = self.act(out)
+        if cfg.output is not None:
+            out, _, _ = self._quant_activation(F, out, p["output_state"], cfg.output)
+        return out
+
+    # ------------------------------------------------------------------ NumPy views for exporters
+    def input_range(self) -> tuple[float, float]:
+        """The input range (lo, hi) the simulation uses (tracked, calibrated or LSQ-learned)."""
+        st = self.input_state.data().asnumpy()
+        if self.algorithm == "lsq" and getattr(self, "input_lsq_step", None) is not None:
+            s = float(self.input_lsq_step.data().asnumpy()[0])
+            if s > 0:
+                t = s * self.layer_config.input.qmax
+                return (-t if self.layer_config.input.signed else 0.0), t
+        return float(st[0]), float(st[1])
+
+    def input_threshold(self) -> float:
+        lo, hi = self.input_range()
+        return max(abs(lo), abs(hi)) if self.layer_config.input is None or self.layer_config.input.signed \
+            else max(hi, 0.0)
+
+    def set_input_range(self, lo: float, hi: float) -> None:
+        """Set a calibrated input range (marks the tracker initialised; keeps its step count)."""
+        for arr in self.input_state.list_data():
+            st = arr.asnumpy()
+            arr[:] = mx.nd.array([lo, hi, 1.0, st[3]], ctx=arr.context)
+        if getattr(self, "input_lsq_step", None) is not None:
+            grid = self.layer_config.input
+            t = max(abs(lo), abs(hi)) if grid.signed else max(hi, 0.0)
+            self.input_lsq_step.set_data(mx.nd.array([t / grid.qmax]))
+
+    def folded_weight_bias(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W_f, b_f) as float32 NumPy, BN folded with running statistics when the layer trains with fake BN,
+        computed with the same MXNet ops as the simulation."""
+        w = self.weight.data()
+        b = self.bias.data() if self.bias is not None else None
+        if self._dq_bn_kwargs is None:
+            bb = b.asnumpy() if b is not None else np.zeros(w.shape[0], np.float32)
+            return w.asnumpy(), bb
+        p = {k: self._reg_params[k].data() for k in ("bn_gamma", "bn_beta", "bn_running_mean", "bn_running_var")}
+        wf, bf = self._fold_with(mx.nd, w, b, p, p["bn_running_mean"], p["bn_running_var"])
+        return wf.asnumpy(), bf.asnumpy()
+
+    def quantized_weight(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W_q, unit_step): the simulated (dequantized) weight and the per-output-channel grid step, so that
+        ``W_q / unit_step`` are the integer codes."""
+        wf, _ = self.folded_weight_bias()
+        w = mx.nd.array(wf)
+        p = {k: v.data() for k, v in self._reg_params.items()}
+        with mx.autograd.predict_mode():
+            wq = self._quant_weight(mx.nd, w, p).asnumpy() if self.layer_config.weight is not None else wf
+        grid = self.layer_config.weight
+        ndim = wf.ndim
+        if self.algorithm == "lsq":
+            s = p["weight_lsq_step"].asnumpy()
+            if grid.granularity == "group" and 1 < self._groups < self._out_channels:
+                s = np.repeat(s, self._out_channels // self._groups)
+            step = np.broadcast_to(s, (wf.shape[0],)).astype(np.float32)
+        else:
+            amax = _reduce_absmax(mx.nd, w, grid.granularity if grid else "channel", self._groups,
+                                  self._out_channels, ndim).asnumpy().reshape(-1)
+            step = np.broadcast_to(amax / (grid.qmax if grid else 127), (wf.shape[0],)).astype(np.float32)
+        return wq, step
+
+
+class QuantConv2D(_QuantMixin, nn.Conv2D):
+    """A Conv2D whose input and weight are fake-quantized (see module docstring)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2D, cfg: LayerConfig, profile: Profile, algorithm: str, momentum: float,
+                   bn: nn.BatchNorm | None = None, bn_path: str | None = None) -> QuantConv2D:
+        q = cls.__new__(cls)
+        q.__dict__.update(conv.__dict__)
+        q._dq_bn_kwargs = None
+        q._dq_init(cfg, profile, algorithm, momentum, bn, bn_path)
+        return q
+
+    def _layer(self, F, x, w, b):
+        return F.Convolution(x, w, b, name="fwd", **{**self._kwargs, "no_bias": b is None})
+
+
+class QuantDense(_QuantMixin, nn.Dense):
+    """A Dense layer whose input and weight are fake-quantized (group granularity = channel)."""
+
+    @classmethod
+    def from_float(cls, dense: nn.Dense, cfg: LayerConfig, profile: Profile, algorithm: str,
+                   momentum: float, bn=None, bn_path=None) -> QuantDense:
+        q = cls.__new__(cls)
+        q.__dict__.update(dense.__dict__)
+        q._dq_bn_kwargs = None
+        q._dq_init(cfg, profile, algorithm, momentum, None, None)
+        return q
+
+    def _layer(self, F, x, w, b):
+        return F.FullyConnected(x, w, b, no_bias=b is None, num_hidden=self._units, flatten=self._flatten,
+                                name="fwd")
+
+
+QUANT_TYPES: dict[type, type] = {nn.Conv2D: QuantConv2D, nn.Dense: QuantDense}
+
+
+def is_quant_block(b: gluon.Block) -> bool:
+    return isinstance(b, _QuantMixin)
