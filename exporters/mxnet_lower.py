@@ -13,6 +13,8 @@ from .ir import Graph, Node
 
 #: ``hook(tensor_name, symbol) -> symbol``: rewrites a tensor as it is produced (fake quantization).
 TensorHook = Callable[[str, mx.sym.Symbol], mx.sym.Symbol]
+#: ``lower_node(node, inputs, params) -> symbol or None``: replaces the default lowering of a node.
+NodeHook = Callable[[Node, list[mx.sym.Symbol], dict[str, mx.sym.Symbol]], mx.sym.Symbol | None]
 AUX_ROLES = ("moving_mean", "moving_var")
 
 
@@ -67,18 +69,21 @@ def _op_symbol(n: Node, xs: list[mx.sym.Symbol], p: dict[str, mx.sym.Symbol]) ->
     raise ValueError(f"mxnet_lower: node {name}: no lowering for op {n.op}")
 
 
-def to_symbol(graph: Graph, hook: TensorHook | None = None, outputs: Iterable[str] | None = None
+def to_symbol(graph: Graph, hook: TensorHook | None = None, outputs: Iterable[str] | None = None,
+              lower_node: NodeHook | None = None
               ) -> tuple[mx.sym.Symbol, dict[str, mx.nd.NDArray], dict[str, mx.nd.NDArray]]:
     """The IR as an MXNet symbol plus ``arg_params``/``aux_params`` (names = IR param keys).
 
-    ``hook`` may rewrite each activation tensor (the input included) as it is produced; ``outputs`` selects
-    the tensors to return (default: the graph outputs).
+    ``hook`` may rewrite each activation tensor (the input included) as it is produced; ``lower_node`` may
+    replace a node's lowering; ``outputs`` selects the tensors to return (default: the graph outputs).
     """
     hook = hook or (lambda _t, s: s)
     syms: dict[str, mx.sym.Symbol] = {graph.input_name: hook(graph.input_name, mx.sym.var(graph.input_name))}
     pvars = {k: mx.sym.var(k) for k in graph.params}
     for n in graph.nodes:
-        s = _op_symbol(n, [syms[t] for t in n.inputs], {r: pvars[k] for r, k in n.params.items()})
+        xs, ps = [syms[t] for t in n.inputs], {r: pvars[k] for r, k in n.params.items()}
+        s = lower_node(n, xs, ps) if lower_node else None
+        s = _op_symbol(n, xs, ps) if s is None else s
         syms[n.output] = hook(n.output, s)
     outs = [syms[t] for t in (outputs or graph.outputs)]
     sym = outs[0] if len(outs) == 1 else mx.sym.Group(outs)
@@ -122,10 +127,10 @@ def run_symbol(sym: mx.sym.Symbol, args: dict[str, mx.nd.NDArray], aux: dict[str
 
 
 def run(graph: Graph, x: np.ndarray, outputs: Iterable[str] | None = None, hook: TensorHook | None = None,
-        batch_size: int = 250) -> dict[str, np.ndarray]:
+        batch_size: int = 250, lower_node: NodeHook | None = None) -> dict[str, np.ndarray]:
     """Run the graph on NumPy ``x``; ``{tensor: array}`` for ``outputs`` (default: the graph outputs)."""
     names = list(outputs or graph.outputs)
-    sym, args, aux = to_symbol(graph, hook, names)
+    sym, args, aux = to_symbol(graph, hook, names, lower_node)
     return dict(zip(names, run_symbol(sym, args, aux, np.asarray(x, np.float32), batch_size), strict=True))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .annotate import graph_fingerprint
-from .ir import Graph, Node
+from .ir import Graph, Node, TensorQuant
 from .mxnet_lower import tensor_shapes
 from .passes import activation_kind, optimize
 from .ranges import tensor_ranges
@@ -269,13 +269,35 @@ def lower(g: Graph, ranges: dict[str, tuple[float, float]] | None = None, name: 
 
 def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
     """The graph Tengine will run: Dropout dropped, BN folded, activations marked, softmax variants renamed,
-    Conv/FC weights on the per-channel int8 grid (``codes``: trained int8 codes per layer, optional)."""
+    Conv/FC weights on the per-channel int8 grid.
+
+    Trained int8 codes come from ``codes`` (layer -> int8 array) or from ``exporters.qattach`` records on the
+    nodes (``attrs['wq']``); a quantized layer's input threshold (``attrs['iq']``) becomes its input tensor's
+    annotation, winning over calibration.
+    """
     g = optimize(graph)
     _rewrite_softmax(g, tensor_shapes(g))
+    codes = dict(codes or {})
     for n in g.nodes:
-        if n.op in ("Convolution", "FullyConnected"):
-            w = g.param(n, "weight")
-            g.params[n.params["weight"]] = on_grid(w, (codes or {}).get(n.name))[0]
+        if n.op not in ("Convolution", "FullyConnected"):
+            continue
+        wq, iq = n.attrs.get("wq"), n.attrs.get("iq")
+        if wq is not None:
+            if (wq.qmin, wq.qmax) != (-QMAX, QMAX) or wq.granularity != "channel":
+                raise TengineExportError(
+                    f"{_where(g, n)}: weights quantized to [{wq.qmin}, {wq.qmax}] per {wq.granularity}; "
+                    "Tengine int8 uses [-127, 127] per output channel (quantize with profile='tengine')")
+            codes.setdefault(n.name, wq.codes)
+        if iq is not None:
+            if not (iq.symmetric and iq.signed and iq.qmax == QMAX):
+                raise TengineExportError(f"{_where(g, n)}: input grid is not symmetric signed int8 "
+                                         "(Tengine int8 needs it; quantize with profile='tengine')")
+            g.quant.setdefault(n.inputs[0], TensorQuant(iq.threshold, iq.lo, iq.hi, "quantized-net"))
+        try:
+            g.params[n.params["weight"]] = on_grid(g.param(n, "weight"), codes.get(n.name))[0]
+        except ValueError as e:
+            raise TengineExportError(f"{_where(g, n)}: {e}; Tengine recomputes s_c = max|W_c|/127 and would "
+                                     "land on a different grid") from None
     return g
 
 

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+import deployq
+
 from .annotate import annotate, graph_fingerprint, load_scale_file
 from .frontend import from_files, from_gluon
 from .ir import Graph
+from .passes import optimize
 from .tengine import lower_model
 from .tengine_writer import write
 
@@ -39,11 +42,24 @@ def export_tengine(graph: Graph, out_dir: str | Path, name: str | None = None,
     return write(exp, out_dir, name or graph.name), exp.warnings
 
 
+def graph_from_qnet(qnet, input_shape: tuple[int, ...] = (1, 3, 32, 32), name: str = "model") -> Graph:
+    """The optimized fp32 graph of a deployq-quantized net with its trained int8 weight codes and input
+    thresholds attached (``exporters.qattach``); :func:`tengine.prepare` uses both."""
+    from .qattach import attach_qnet
+
+    return attach_qnet(optimize(from_gluon(qnet, input_shape, name=name)), qnet)
+
+
 def _load_graph(args: argparse.Namespace) -> Graph:
     shape = tuple(int(v) for v in args.input_shape.split(","))
+    sources = [bool(args.model), bool(args.symbol or args.params), bool(args.qnet)]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one of: a model name, --symbol/--params, --qnet")
+    if args.qnet:
+        return graph_from_qnet(deployq.load(args.qnet), shape, Path(args.qnet).name.split(".")[0])
     if args.symbol or args.params:
-        if not (args.symbol and args.params) or args.model:
-            raise ValueError("give either a model name or both --symbol and --params")
+        if not (args.symbol and args.params):
+            raise ValueError("--symbol and --params go together")
         return from_files(args.symbol, args.params, shape)
     if not args.model:
         raise ValueError("give a model name (built-in: mobilenet0.25, resnet20) or --symbol/--params")
@@ -88,6 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="built-in model (mobilenet0.25, resnet20) or gluoncv model name")
     p.add_argument("--symbol", help="MXNet x-symbol.json (with --params)")
     p.add_argument("--params", help="MXNet x-0000.params (legacy format)")
+    p.add_argument("--qnet", help="a quantized net saved with deployq.save (<name>.params + .deployq.json)")
     p.add_argument("--scales", help="deployq scale file (JSON); its thresholds win over calibration")
     p.add_argument("--out", default="exports", help="output directory (default: exports)")
     p.add_argument("--name", help="base name of the files (default: the model name)")

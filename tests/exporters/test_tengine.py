@@ -48,6 +48,7 @@ def test_int8_reference_agrees_with_simulation(exported, int8_outputs, test_imag
     assert sim.shape == ref.shape == (1000, 10)
     assert np.mean(sim.argmax(1) == ref.argmax(1)) == 1.0
     assert np.abs(sim - ref).max() <= step * (1 + 1e-4)
+    np.testing.assert_array_equal(sim, ref)  # integer-domain simulation: bit-exact to the reference
     # the int8 model is a faithful quantization of the fp32 one
     y = load_mnist5k("test").y
     fp32_acc = np.mean(run(g, test_images)[g.outputs[0]].argmax(1) == y)
@@ -135,3 +136,38 @@ def test_scale_table(exported):
     d = json.loads(scales_json.read_text())
     assert d["schema"] == "deployq.scales" and d["profile"] == "tengine" and d["model"]["fingerprint"]
     assert set(d["tensors"]) == set(steps)
+
+
+def test_quantized_net_codes_and_thresholds(tmp_path, test_images):
+    """A net quantized with the tengine profile: Tengine recovers its trained codes; its layer-input
+    thresholds win over calibration; the CLI exports it from deployq.save files."""
+    from deployq.exporters.tengine_cli import graph_from_qnet, main
+    from mxnet import autograd
+
+    import deployq
+
+    net = get_trained("mobilenet0.25", verbose=False)
+    deployq.quantize(net, profile="tengine")
+    for xb in CALIB:
+        with autograd.record():
+            net(mx.nd.array(xb))
+    g = graph_from_qnet(net, name="qmobilenet")
+    exp = tengine.lower_model(g, CALIB)
+    layers = deployq.quant_layers(net)
+    data = exp.scale_of("data")
+    assert data.source == "quantized-net" and data.threshold == pytest.approx(layers["features.0"].input_threshold())
+    paths = write(exp, tmp_path / "lib")
+    files = from_files(*paths[:2])
+    for n in g.nodes:
+        if "wq" in n.attrs:
+            w = files.param(files.node(n.name), "weight")
+            np.testing.assert_array_equal(tengine.weight_codes(w, tengine.weight_steps(w)),
+                                          n.attrs["wq"].codes.astype(np.int8))
+    sim, ref = simulate(exp, test_images[:300]), TengineReference(*paths[:3])(test_images[:300])
+    step = exp.scale_of(exp.tensor_map[exp.graph.outputs[0]]).step
+    assert np.mean(sim.argmax(1) == ref.argmax(1)) == 1.0 and np.abs(sim - ref).max() <= step * (1 + 1e-4)
+    np.testing.assert_array_equal(sim, ref)
+    deployq.save(net, tmp_path / "qm", model_name="mobilenet0.25")
+    assert main(["export-tengine", "--qnet", str(tmp_path / "qm.params"), "--out", str(tmp_path / "cli"),
+                 "--calib-samples", "256", "--name", "qm"]) == 0
+    assert (tmp_path / "cli" / "qm.scale").read_text().splitlines()[0] == f"data {data.step:.9g} 0"
