@@ -245,7 +245,8 @@ def lower(g: Graph, ranges: dict[str, tuple[float, float]] | None = None, name: 
     for root in set(groups.values()):
         members = [t for t, r in groups.items() if r == root]
         if len(members) > 1:
-            best = max((thr[t] for t in members), key=lambda r: r.threshold)
+            given = [thr[t] for t in members if not thr[t].source.startswith("calibration")]
+            best = max(given or [thr[t] for t in members], key=lambda r: r.threshold)  # given ones win
             for t in members:
                 thr[t] = ScaleRecord(t, best.threshold, thr[t].lo, thr[t].hi, best.source + "+shared")
     for n in g.nodes:  # Tengine's int8 concat clamps values below -127 to +127: keep s_out >= every s_in

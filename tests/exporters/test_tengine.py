@@ -171,3 +171,11 @@ def test_quantized_net_codes_and_thresholds(tmp_path, test_images):
     assert main(["export-tengine", "--qnet", str(tmp_path / "qm.params"), "--out", str(tmp_path / "cli"),
                  "--calib-samples", "256", "--name", "qm"]) == 0
     assert (tmp_path / "cli" / "qm.scale").read_text().splitlines()[0] == f"data {data.step:.9g} 0"
+    # the core's scale file on the fp32 model: its layer-input thresholds win over calibration
+    (tmp_path / "s.json").write_text(json.dumps(deployq.export_scales(net, "mobilenet0.25")))
+    assert main(["export-tengine", "mobilenet0.25", "--scales", str(tmp_path / "s.json"), "--out",
+                 str(tmp_path / "fp"), "--calib-samples", "128"]) == 0
+    table = read_scale_table(tmp_path / "fp" / "mobilenet0.25.scale")
+    for path, blk in layers.items():
+        tg = exp.tensor_map[g.node(path).inputs[0]]
+        assert table[tg] == pytest.approx(blk.input_threshold() / 127, rel=1e-7), path
