@@ -159,3 +159,38 @@ def test_params_of_another_model(tmp_path):
     mx.nd.save(str(ps), arrays)
     with pytest.raises(GraphError, match=rf"param '{key.split(':')[1]}' has shape \(4, 3, 5, 5\)"):
         from_files(js, ps)
+
+
+def test_symbol_api_model_with_label_and_duplicate_names(tmp_path):
+    """A Module-style symbol: SoftmaxOutput's label input is dropped, duplicated node names are made unique."""
+    data = mx.sym.var("data")
+    c1 = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), pad=(1, 1), name="conv")
+    c2 = mx.sym.Convolution(mx.sym.Activation(c1, act_type="relu", name="act"), num_filter=4, kernel=(1, 1),
+                            no_bias=True, name="conv")
+    fc = mx.sym.FullyConnected(mx.sym.Dropout(c2, p=0.3), num_hidden=3, name="fc")
+    sym = mx.sym.SoftmaxOutput(fc, mx.sym.var("softmax_label"), name="softmax")
+    rng = np.random.default_rng(0)
+    args = {"conv_weight": rng.normal(size=(4, 3, 3, 3)), "conv_bias": rng.normal(size=4),
+            "fc_weight": rng.normal(size=(3, 4 * 8 * 8)), "fc_bias": rng.normal(size=3)}
+    sym.save(str(tmp_path / "m-symbol.json"))
+    mx.nd.save(str(tmp_path / "m-0000.params"), {f"arg:{k}": mx.nd.array(v) for k, v in args.items()})
+    # both convs read the param 'conv_weight' (same names); shapes differ -> a clear error
+    with pytest.raises(GraphError, match="conv_weight"):
+        from_files(tmp_path / "m-symbol.json", tmp_path / "m-0000.params", (1, 3, 8, 8))
+    d = json.loads((tmp_path / "m-symbol.json").read_text())
+    for n in d["nodes"]:
+        if n["name"] == "conv_weight" and n is not next(m for m in d["nodes"] if m["name"] == "conv_weight"):
+            n["name"] = "conv2_weight"
+    (tmp_path / "m-symbol.json").write_text(json.dumps(d))
+    args["conv2_weight"] = rng.normal(size=(4, 4, 1, 1))
+    mx.nd.save(str(tmp_path / "m-0000.params"), {f"arg:{k}": mx.nd.array(v) for k, v in args.items()})
+    g = from_files(tmp_path / "m-symbol.json", tmp_path / "m-0000.params", (1, 3, 8, 8))
+    names = [n.name for n in g.nodes]
+    assert len(set(names)) == len(names) and names[:3] == ["conv", "act", "conv_1"]
+    assert g.node("softmax").op == "SoftmaxOutput" and g.node("softmax").inputs == ["fc"]
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    ref_sym = mx.sym.load(str(tmp_path / "m-symbol.json"))
+    feed = {k: mx.nd.array(v) for k, v in args.items()}
+    exe = ref_sym.bind(mx.cpu(), {**feed, "data": mx.nd.array(x), "softmax_label": mx.nd.zeros(2)})
+    ref = exe.forward(is_train=False)[0].asnumpy()
+    assert rel_err(run(g, x)[g.outputs[0]], ref) <= 1e-5

@@ -179,3 +179,14 @@ def test_quantized_net_codes_and_thresholds(tmp_path, test_images):
     for path, blk in layers.items():
         tg = exp.tensor_map[g.node(path).inputs[0]]
         assert table[tg] == pytest.approx(blk.input_threshold() / 127, rel=1e-7), path
+
+
+def test_reference_refuses_missing_scale(exported, tmp_path):
+    """Tengine silently uses scale 0 for a tensor missing from the table; the reference refuses instead."""
+    _, _, exp, (js, ps, table, _) = exported
+    lines = table.read_text().splitlines()
+    victim = lines[3].split(" ")[0]
+    short = tmp_path / "short.scale"
+    short.write_text("\n".join(lines[:3] + lines[4:]) + "\n")
+    with pytest.raises(Exception, match=rf"no scale for tensors \['{re.escape(victim)}'\]"):
+        TengineReference(js, ps, short)
