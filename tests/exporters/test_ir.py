@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mxnet as mx
 import numpy as np
@@ -194,3 +195,44 @@ def test_symbol_api_model_with_label_and_duplicate_names(tmp_path):
     exe = ref_sym.bind(mx.cpu(), {**feed, "data": mx.nd.array(x), "softmax_label": mx.nd.zeros(2)})
     ref = exe.forward(is_train=False)[0].asnumpy()
     assert rel_err(run(g, x)[g.outputs[0]], ref) <= 1e-5
+
+
+def _edit_conv_layout(d):
+    conv = next(n for n in d["nodes"] if n["op"] == "Convolution")
+    conv["attrs"]["layout"] = "NHWC"
+    return rf"node '{conv['name']}'.*unsupported op Convolution \(layout NHWC \(only NCHW\)\)"
+
+
+def _edit_bad_attr(d):
+    conv = next(n for n in d["nodes"] if n["op"] == "Convolution")
+    conv["attrs"]["kernel"] = "(3, x)"
+    return rf"node '{conv['name']}'.*op Convolution: cannot parse attr kernel='\(3, x\)'"
+
+
+def _edit_no_data(d):
+    next(n for n in d["nodes"] if n["name"] == "data")["name"] = "input0"
+    return "no graph input named 'data'"
+
+
+def _edit_second_output(d):
+    bn = next(i for i, n in enumerate(d["nodes"]) if n["op"] == "BatchNorm")
+    act = next(n for n in d["nodes"] if n["op"] == "Activation")
+    act["inputs"] = [[bn, 1, 0]]
+    return rf"node '{act['name']}': op Activation reads output 1 of node"
+
+
+def _edit_not_symbol(d):
+    d.pop("heads")
+    return "not an MXNet symbol JSON"
+
+
+@pytest.mark.parametrize("edit", [_edit_conv_layout, _edit_bad_attr, _edit_no_data, _edit_second_output,
+                                  _edit_not_symbol])
+def test_json_error_paths(tmp_path, edit):
+    js, ps = _export_small(tmp_path)
+    d = json.loads(js.read_text())
+    msg = edit(d)
+    js.write_text(json.dumps(d))
+    with pytest.raises((GraphError, UnsupportedOpError)) as e:
+        from_files(js, ps)
+    assert js.name in str(e.value) and re.search(msg, str(e.value)), str(e.value)
