@@ -268,6 +268,17 @@ def lower(g: Graph, ranges: dict[str, tuple[float, float]] | None = None, name: 
     return TengineExport(name or g.name, g, scales, mapping, fused, steps, fingerprint, notes)
 
 
+def _rename_dropped_params(g: Graph) -> None:
+    """Tengine's converter drops graph inputs whose name contains ``label`` or ``state`` (spec §2.2): rename
+    such params (``enc.state.weight`` -> ``enc.stat_.weight``)."""
+    for n in g.nodes:
+        for role, key in n.params.items():
+            if "label" in key or "state" in key:
+                new = key.replace("label", "labl_").replace("state", "stat_")
+                g.params[new] = g.params.pop(key)
+                n.params[role] = new
+
+
 def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
     """The graph Tengine will run: Dropout dropped, BN folded, activations marked, softmax variants renamed,
     Conv/FC weights on the per-channel int8 grid.
@@ -278,6 +289,7 @@ def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
     """
     g = optimize(graph)
     _rewrite_softmax(g, tensor_shapes(g))
+    _rename_dropped_params(g)
     codes = dict(codes or {})
     for n in g.nodes:
         if n.op not in ("Convolution", "FullyConnected"):

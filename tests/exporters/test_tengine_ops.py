@@ -138,3 +138,15 @@ def test_dead_channel():
     with pytest.warns(UserWarning, match=r"layer '0' .*\[2\] have all-zero weights and bias"):
         exp = tengine.lower_model(g, [X])
     assert exp.weight_steps["0"][2] == 0
+
+
+def test_params_named_state_or_label_are_renamed(tmp_path):
+    """Tengine's converter drops inputs whose name contains 'state' or 'label'."""
+    net = _seq(nn.Conv2D(4, 3, in_channels=3), nn.Activation("relu"), nn.GlobalAvgPool2D(), nn.Dense(3))
+    g = from_gluon(net, (1, 3, 16, 16))
+    conv = g.node("0")
+    g.params["state_label.w"] = g.params.pop(conv.params["weight"])
+    conv.params["weight"] = "state_label.w"
+    exp = tengine.lower_model(g, [X])
+    text = write(exp, tmp_path)[0].read_text()
+    assert "state" not in text and "label" not in text and "stat_" in text
