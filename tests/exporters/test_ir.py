@@ -236,3 +236,12 @@ def test_json_error_paths(tmp_path, edit):
     with pytest.raises((GraphError, UnsupportedOpError)) as e:
         from_files(js, ps)
     assert js.name in str(e.value) and re.search(msg, str(e.value)), str(e.value)
+
+
+def test_non_hybrid_net():
+    class _Plain(gluon.Block):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(GraphError, match="_Plain: not a gluon.HybridBlock"):
+        from_gluon(_Plain())

@@ -127,3 +127,12 @@ def test_fingerprint_matches_core(name):
     net = random_net(name)
     g = from_gluon(net)
     assert graph_fingerprint(g) == deployq.fingerprint(net) == graph_fingerprint(optimize(g))
+
+
+def test_annotate_bad_entry():
+    g = from_gluon(random_net("mobilenet0.25"))
+    bad = {"schema": "deployq.scales", "version": 1, "tensors": {"data": {"lo": 0.0}}}
+    with pytest.raises(GraphError, match="entry 'data' has no numeric 'threshold'"):
+        annotate(g, bad, where="s.json")
+    with pytest.raises(GraphError, match="unknown scale-file schema"):
+        annotate(g, {"schema": "other", "tensors": {}})
