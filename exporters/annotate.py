@@ -60,7 +60,10 @@ def annotate(g: Graph, scales: dict[str, Any], where: str = "scale file", check_
         if tensor not in known:
             unknown.append(key)
             continue
-        t = float(e["threshold"])
+        try:
+            t = float(e["threshold"])
+        except (KeyError, TypeError, ValueError):
+            raise GraphError(f"{where}: entry {key!r} has no numeric 'threshold'") from None
         g.quant[tensor] = TensorQuant(t, float(e.get("lo", -t)), float(e.get("hi", t)), source=where)
     if unknown:
         raise GraphError(f"{where}: entries name tensors that model {g.name!r} does not have: "

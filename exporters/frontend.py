@@ -40,13 +40,20 @@ def from_gluon(net: gluon.HybridBlock, input_shape: tuple[int, ...] = (1, 3, 32,
 
     A deployq-quantized net is traced inside ``deployq.float_mode`` (its fp32 graph, no fake quantization).
     """
+    if not isinstance(net, gluon.HybridBlock):
+        raise GraphError(f"{type(net).__name__}: not a gluon.HybridBlock; only hybridizable nets can be traced")
     with _float_mode(net):
         net(mx.nd.zeros(input_shape))  # finish deferred initialisation
-        out = net(mx.sym.var("data"))
+        try:
+            out = net(mx.sym.var("data"))
+        except (mx.base.MXNetError, TypeError, AttributeError) as e:
+            raise GraphError(f"Gluon net {type(net).__name__}: symbolic tracing failed (a child that is not "
+                             f"hybridizable?): {e}") from None
     if isinstance(out, list | tuple):
         out = mx.sym.Group(list(out))
     prefixes = prefix_map(net)
-    params = {p.name: p.data(mx.cpu()).asnumpy() for p in net.collect_params().values()}
+    used = set(out.list_arguments()) | set(out.list_auxiliary_states())
+    params = {p.name: p.data(mx.cpu()).asnumpy() for p in net.collect_params().values() if p.name in used}
     return _from_json(out.tojson(), params, input_shape, name=name, source=f"Gluon net {type(net).__name__}",
                       rename=lambda s: node_path(s, prefixes))
 

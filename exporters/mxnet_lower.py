@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
 
 import mxnet as mx
 import numpy as np
@@ -11,7 +13,13 @@ from .ir import Graph, Node
 
 #: ``hook(tensor_name, symbol) -> symbol``: rewrites a tensor as it is produced (fake quantization).
 TensorHook = Callable[[str, mx.sym.Symbol], mx.sym.Symbol]
+#: ``lower_node(node, inputs, params) -> symbol or None``: replaces the default lowering of a node.
+NodeHook = Callable[[Node, list[mx.sym.Symbol], dict[str, mx.sym.Symbol]], mx.sym.Symbol | None]
 AUX_ROLES = ("moving_mean", "moving_var")
+
+
+def _num(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else v
 
 
 def _op_symbol(n: Node, xs: list[mx.sym.Symbol], p: dict[str, mx.sym.Symbol]) -> mx.sym.Symbol:
@@ -29,8 +37,8 @@ def _op_symbol(n: Node, xs: list[mx.sym.Symbol], p: dict[str, mx.sym.Symbol]) ->
                                 axis=a["axis"], name=name)
     if n.op == "Activation":
         return mx.sym.Activation(xs[0], act_type=a["act_type"], name=name)
-    if n.op == "clip":
-        return mx.sym.clip(xs[0], a_min=a["a_min"], a_max=a["a_max"], name=name)
+    if n.op == "clip":  # integral bounds as "0"/"6" (Tengine's converter rejects "6.0")
+        return mx.sym.clip(xs[0], a_min=_num(a["a_min"]), a_max=_num(a["a_max"]), name=name)
     if n.op == "LeakyReLU":
         return mx.sym.LeakyReLU(xs[0], act_type=a["act_type"], slope=a["slope"], name=name)
     if n.op == "Pooling":
@@ -61,18 +69,21 @@ def _op_symbol(n: Node, xs: list[mx.sym.Symbol], p: dict[str, mx.sym.Symbol]) ->
     raise ValueError(f"mxnet_lower: node {name}: no lowering for op {n.op}")
 
 
-def to_symbol(graph: Graph, hook: TensorHook | None = None, outputs: Iterable[str] | None = None
+def to_symbol(graph: Graph, hook: TensorHook | None = None, outputs: Iterable[str] | None = None,
+              lower_node: NodeHook | None = None
               ) -> tuple[mx.sym.Symbol, dict[str, mx.nd.NDArray], dict[str, mx.nd.NDArray]]:
     """The IR as an MXNet symbol plus ``arg_params``/``aux_params`` (names = IR param keys).
 
-    ``hook`` may rewrite each activation tensor (the input included) as it is produced; ``outputs`` selects
-    the tensors to return (default: the graph outputs).
+    ``hook`` may rewrite each activation tensor (the input included) as it is produced; ``lower_node`` may
+    replace a node's lowering; ``outputs`` selects the tensors to return (default: the graph outputs).
     """
     hook = hook or (lambda _t, s: s)
     syms: dict[str, mx.sym.Symbol] = {graph.input_name: hook(graph.input_name, mx.sym.var(graph.input_name))}
     pvars = {k: mx.sym.var(k) for k in graph.params}
     for n in graph.nodes:
-        s = _op_symbol(n, [syms[t] for t in n.inputs], {r: pvars[k] for r, k in n.params.items()})
+        xs, ps = [syms[t] for t in n.inputs], {r: pvars[k] for r, k in n.params.items()}
+        s = lower_node(n, xs, ps) if lower_node else None
+        s = _op_symbol(n, xs, ps) if s is None else s
         syms[n.output] = hook(n.output, s)
     outs = [syms[t] for t in (outputs or graph.outputs)]
     sym = outs[0] if len(outs) == 1 else mx.sym.Group(outs)
@@ -80,6 +91,21 @@ def to_symbol(graph: Graph, hook: TensorHook | None = None, outputs: Iterable[st
     args = {k: mx.nd.array(v) for k, v in graph.params.items() if k not in aux_keys}
     aux = {k: mx.nd.array(v) for k, v in graph.params.items() if k in aux_keys}
     return sym, args, aux
+
+
+@contextlib.contextmanager
+def _no_subgraph_fusion() -> Iterator[None]:
+    """Bind without MKLDNN's subgraph fusion: it fails on graphs that output internal tensors and it would
+    change the numerics of the graph we check (conv+BN+ReLU fused in MKLDNN)."""
+    old = os.environ.get("MXNET_SUBGRAPH_BACKEND")
+    os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MXNET_SUBGRAPH_BACKEND"]
+        else:
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = old
 
 
 def run_symbol(sym: mx.sym.Symbol, args: dict[str, mx.nd.NDArray], aux: dict[str, mx.nd.NDArray],
@@ -91,7 +117,8 @@ def run_symbol(sym: mx.sym.Symbol, args: dict[str, mx.nd.NDArray], aux: dict[str
         xb = x[i:i + batch_size]
         if exe is None or exe.arg_dict["data"].shape != xb.shape:
             feed = dict(args, data=mx.nd.array(xb))
-            exe = sym.bind(mx.cpu(), feed, aux_states=aux, grad_req="null")
+            with _no_subgraph_fusion():
+                exe = sym.bind(mx.cpu(), feed, aux_states=aux, grad_req="null")
         else:
             exe.arg_dict["data"][:] = xb
         res = exe.forward(is_train=False)
@@ -100,8 +127,17 @@ def run_symbol(sym: mx.sym.Symbol, args: dict[str, mx.nd.NDArray], aux: dict[str
 
 
 def run(graph: Graph, x: np.ndarray, outputs: Iterable[str] | None = None, hook: TensorHook | None = None,
-        batch_size: int = 250) -> dict[str, np.ndarray]:
+        batch_size: int = 250, lower_node: NodeHook | None = None) -> dict[str, np.ndarray]:
     """Run the graph on NumPy ``x``; ``{tensor: array}`` for ``outputs`` (default: the graph outputs)."""
     names = list(outputs or graph.outputs)
-    sym, args, aux = to_symbol(graph, hook, names)
+    sym, args, aux = to_symbol(graph, hook, names, lower_node)
     return dict(zip(names, run_symbol(sym, args, aux, np.asarray(x, np.float32), batch_size), strict=True))
+
+
+def tensor_shapes(graph: Graph, batch: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shape of every activation tensor for the graph's input shape (batch size optionally replaced)."""
+    names = graph.tensors()
+    shape = graph.input_shape if batch is None else (batch,) + tuple(graph.input_shape[1:])
+    sym, _, _ = to_symbol(graph, outputs=names)
+    _, out_shapes, _ = sym.infer_shape(**{graph.input_name: shape})
+    return dict(zip(names, (tuple(s) for s in out_shapes), strict=True))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .ir import GraphError, UnsupportedOpError
+
 
 def parse_bool(s: str) -> bool:
     v = s.strip().lower()
@@ -70,7 +72,7 @@ def parse_attrs(op: str, raw: dict[str, str], where: str) -> dict[str, Any]:
             try:
                 out[key] = parse(raw[key])
             except ValueError as e:
-                raise ValueError(f"{where}: op {op}: cannot parse attr {key}={raw[key]!r}: {e}") from None
+                raise GraphError(f"{where}: op {op}: cannot parse attr {key}={raw[key]!r}: {e}") from None
         else:
             out[key] = default
     if op in ("Convolution", "Pooling"):
@@ -84,8 +86,6 @@ def parse_attrs(op: str, raw: dict[str, str], where: str) -> dict[str, Any]:
 
 
 def unsupported_op(where: str, op: str, detail: str = "") -> Exception:
-    from .ir import UnsupportedOpError
-
     extra = f" ({detail})" if detail else ""
     return UnsupportedOpError(f"{where}: unsupported op {op}{extra}; "
                               f"supported ops: {', '.join(SUPPORTED_OPS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mxnet as mx
 import numpy as np
@@ -159,3 +160,88 @@ def test_params_of_another_model(tmp_path):
     mx.nd.save(str(ps), arrays)
     with pytest.raises(GraphError, match=rf"param '{key.split(':')[1]}' has shape \(4, 3, 5, 5\)"):
         from_files(js, ps)
+
+
+def test_symbol_api_model_with_label_and_duplicate_names(tmp_path):
+    """A Module-style symbol: SoftmaxOutput's label input is dropped, duplicated node names are made unique."""
+    data = mx.sym.var("data")
+    c1 = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), pad=(1, 1), name="conv")
+    c2 = mx.sym.Convolution(mx.sym.Activation(c1, act_type="relu", name="act"), num_filter=4, kernel=(1, 1),
+                            no_bias=True, name="conv")
+    fc = mx.sym.FullyConnected(mx.sym.Dropout(c2, p=0.3), num_hidden=3, name="fc")
+    sym = mx.sym.SoftmaxOutput(fc, mx.sym.var("softmax_label"), name="softmax")
+    rng = np.random.default_rng(0)
+    args = {"conv_weight": rng.normal(size=(4, 3, 3, 3)), "conv_bias": rng.normal(size=4),
+            "fc_weight": rng.normal(size=(3, 4 * 8 * 8)), "fc_bias": rng.normal(size=3)}
+    sym.save(str(tmp_path / "m-symbol.json"))
+    mx.nd.save(str(tmp_path / "m-0000.params"), {f"arg:{k}": mx.nd.array(v) for k, v in args.items()})
+    # both convs read the param 'conv_weight' (same names); shapes differ -> a clear error
+    with pytest.raises(GraphError, match="conv_weight"):
+        from_files(tmp_path / "m-symbol.json", tmp_path / "m-0000.params", (1, 3, 8, 8))
+    d = json.loads((tmp_path / "m-symbol.json").read_text())
+    for n in d["nodes"]:
+        if n["name"] == "conv_weight" and n is not next(m for m in d["nodes"] if m["name"] == "conv_weight"):
+            n["name"] = "conv2_weight"
+    (tmp_path / "m-symbol.json").write_text(json.dumps(d))
+    args["conv2_weight"] = rng.normal(size=(4, 4, 1, 1))
+    mx.nd.save(str(tmp_path / "m-0000.params"), {f"arg:{k}": mx.nd.array(v) for k, v in args.items()})
+    g = from_files(tmp_path / "m-symbol.json", tmp_path / "m-0000.params", (1, 3, 8, 8))
+    names = [n.name for n in g.nodes]
+    assert len(set(names)) == len(names) and names[:3] == ["conv", "act", "conv_1"]
+    assert g.node("softmax").op == "SoftmaxOutput" and g.node("softmax").inputs == ["fc"]
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    ref_sym = mx.sym.load(str(tmp_path / "m-symbol.json"))
+    feed = {k: mx.nd.array(v) for k, v in args.items()}
+    exe = ref_sym.bind(mx.cpu(), {**feed, "data": mx.nd.array(x), "softmax_label": mx.nd.zeros(2)})
+    ref = exe.forward(is_train=False)[0].asnumpy()
+    assert rel_err(run(g, x)[g.outputs[0]], ref) <= 1e-5
+
+
+def _edit_conv_layout(d):
+    conv = next(n for n in d["nodes"] if n["op"] == "Convolution")
+    conv["attrs"]["layout"] = "NHWC"
+    return rf"node '{conv['name']}'.*unsupported op Convolution \(layout NHWC \(only NCHW\)\)"
+
+
+def _edit_bad_attr(d):
+    conv = next(n for n in d["nodes"] if n["op"] == "Convolution")
+    conv["attrs"]["kernel"] = "(3, x)"
+    return rf"node '{conv['name']}'.*op Convolution: cannot parse attr kernel='\(3, x\)'"
+
+
+def _edit_no_data(d):
+    next(n for n in d["nodes"] if n["name"] == "data")["name"] = "input0"
+    return "no graph input named 'data'"
+
+
+def _edit_second_output(d):
+    bn = next(i for i, n in enumerate(d["nodes"]) if n["op"] == "BatchNorm")
+    act = next(n for n in d["nodes"] if n["op"] == "Activation")
+    act["inputs"] = [[bn, 1, 0]]
+    return rf"node '{act['name']}': op Activation reads output 1 of node"
+
+
+def _edit_not_symbol(d):
+    d.pop("heads")
+    return "not an MXNet symbol JSON"
+
+
+@pytest.mark.parametrize("edit", [_edit_conv_layout, _edit_bad_attr, _edit_no_data, _edit_second_output,
+                                  _edit_not_symbol])
+def test_json_error_paths(tmp_path, edit):
+    js, ps = _export_small(tmp_path)
+    d = json.loads(js.read_text())
+    msg = edit(d)
+    js.write_text(json.dumps(d))
+    with pytest.raises((GraphError, UnsupportedOpError)) as e:
+        from_files(js, ps)
+    assert js.name in str(e.value) and re.search(msg, str(e.value)), str(e.value)
+
+
+def test_non_hybrid_net():
+    class _Plain(gluon.Block):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(GraphError, match="_Plain: not a gluon.HybridBlock"):
+        from_gluon(_Plain())

@@ -117,3 +117,22 @@ def test_annotate_resolves_aliases_and_checks_model():
         annotate(g, bad)
     with pytest.raises(GraphError, match="does not have: nope"):
         annotate(g, dict(scales, tensors={"nope": {"threshold": 1.0}}))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fingerprint_matches_core(name):
+    """Scale files written by the core (deployq.fingerprint of the Gluon net) must match the IR's."""
+    import deployq
+
+    net = random_net(name)
+    g = from_gluon(net)
+    assert graph_fingerprint(g) == deployq.fingerprint(net) == graph_fingerprint(optimize(g))
+
+
+def test_annotate_bad_entry():
+    g = from_gluon(random_net("mobilenet0.25"))
+    bad = {"schema": "deployq.scales", "version": 1, "tensors": {"data": {"lo": 0.0}}}
+    with pytest.raises(GraphError, match="entry 'data' has no numeric 'threshold'"):
+        annotate(g, bad, where="s.json")
+    with pytest.raises(GraphError, match="unknown scale-file schema"):
+        annotate(g, {"schema": "other", "tensors": {}})

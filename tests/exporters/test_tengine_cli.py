@@ -1,0 +1,126 @@
+"""``deployq export-tengine``: deterministic output; bad inputs fail cleanly (message, exit 2, no files)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import mxnet as mx
+import numpy as np
+import pytest
+from deployq.exporters.tengine_cli import main
+from mxnet.gluon import nn
+
+
+def _export_small(tmp_path, name="small"):
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(4, 3, in_channels=3), nn.BatchNorm(), nn.Activation("relu"), nn.GlobalAvgPool2D(),
+            nn.Dense(3))
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    net.export(str(tmp_path / name))
+    return tmp_path / f"{name}-symbol.json", tmp_path / f"{name}-0000.params"
+
+
+def _cli(js, ps, out, *extra):
+    return main(["export-tengine", "--symbol", str(js), "--params", str(ps), "--out", str(out),
+                 "--calib-samples", "64", *extra])
+
+
+def test_files_and_byte_identical(tmp_path, capsys):
+    args = ["export-tengine", "mobilenet0.25", "--calib-samples", "128", "--out"]
+    assert main(args + [str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    # a second run in a fresh process (hash seeds, MXNet state) writes the same bytes
+    subprocess.run([sys.executable, "-m", "deployq.cli", *args, str(tmp_path / "b")], check=True,
+                   capture_output=True)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["mobilenet0.25-0000.params", "mobilenet0.25-symbol.json", "mobilenet0.25.scale",
+                     "mobilenet0.25.scales.json"]
+    assert f"wrote {tmp_path / 'a' / 'mobilenet0.25.scale'}" in printed
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+
+
+def test_reexport_with_own_scale_file_is_identical(tmp_path):
+    js, ps = _export_small(tmp_path)
+    assert _cli(js, ps, tmp_path / "a", "--name", "m") == 0
+    a = tmp_path / "a"
+    assert _cli(a / "m-symbol.json", a / "m-0000.params", tmp_path / "b", "--name", "m",
+                "--scales", str(a / "m.scales.json"), "--calib-samples", "0") == 0
+    for n in ("m-symbol.json", "m-0000.params", "m.scale"):
+        assert (a / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+
+
+def _unsupported(js, ps):
+    d = json.loads(js.read_text())
+    act = next(n for n in d["nodes"] if n["op"] == "Activation")
+    act["op"] = "hard_sigmoid"
+    js.write_text(json.dumps(d))
+    return rf"{js.name}: node '{act['name']}'.*unsupported op hard_sigmoid; supported ops: Convolution"
+
+
+def _truncated(js, ps):
+    ps.write_bytes(ps.read_bytes()[:300])
+    return rf"{ps.name}: corrupt or truncated MXNet params file"
+
+
+def _corrupt(js, ps):
+    ps.write_bytes(bytes(range(256)) * 3)
+    return rf"{ps.name}: corrupt or truncated MXNet params file"
+
+
+def _numpy_mode(js, ps):
+    arrays = {k: v.asnumpy() for k, v in mx.nd.load(str(ps)).items()}
+    mx.npx.set_np()
+    try:
+        mx.npx.save(str(ps), {k: mx.np.array(v) for k, v in arrays.items()})
+    finally:
+        mx.npx.reset_np()
+    return rf"{ps.name}: numpy-mode params \(array magic 0xF993FACA"
+
+
+def _nan(js, ps):
+    arrays = mx.nd.load(str(ps))
+    key = next(k for k in arrays if "conv" in k and k.endswith("weight"))
+    w = arrays[key].asnumpy()
+    w[1, 0, 0, 0] = np.nan
+    arrays[key] = mx.nd.array(w)
+    mx.nd.save(str(ps), arrays)
+    return rf"{ps.name}: param '{key[4:]}' holds NaN"
+
+
+def _dead_channel(js, ps):
+    arrays = mx.nd.load(str(ps))
+    key = next(k for k in arrays if "conv" in k and k.endswith("weight"))
+    w = arrays[key].asnumpy()
+    w[1] = 0
+    arrays[key] = mx.nd.array(w)
+    arrays[key.replace("weight", "bias")] = mx.nd.array([0.0, 0.3, 0.0, 0.0])
+    mx.nd.save(str(ps), arrays)
+    return r"\(Convolution\): output channel\(s\) \[1\] have all-zero weights but a non-zero bias"
+
+
+def _other_model_scales(js, ps):
+    return "scale file is for model 'resnet20'"
+
+
+@pytest.mark.parametrize("breaker", [_unsupported, _truncated, _corrupt, _numpy_mode, _nan, _dead_channel,
+                                     _other_model_scales])
+def test_bad_input(tmp_path, capsys, breaker):
+    js, ps = _export_small(tmp_path)
+    msg = breaker(js, ps)
+    extra = []
+    if breaker is _other_model_scales:
+        scales = {"schema": "deployq.scales", "version": 1,
+                  "model": {"name": "resnet20", "fingerprint": "sha256:0123456789abcdef"}, "tensors": {}}
+        (tmp_path / "s.json").write_text(json.dumps(scales))
+        extra = ["--scales", str(tmp_path / "s.json")]
+    out = tmp_path / "out"
+    assert _cli(js, ps, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert re.search(msg, err), err
+    assert not out.exists() or not any(out.iterdir())
