@@ -69,21 +69,24 @@ def conv_bn_pairs(net: gluon.HybridBlock) -> dict[str, str]:
 
 
 def _clear_cache(net: gluon.Block) -> None:
-    for b in block_paths(net).values():
+    blocks = list(block_paths(net).values())
+    _plain_storage(*net.collect_params().values())
+    mx.nd.waitall()
+    for b in blocks:
         if isinstance(b, gluon.HybridBlock):
             b._clear_cached_op()
-        if isinstance(b, BypassBatchNorm):
-            _plain_storage(b.running_mean, b.running_var)
 
 
 def _plain_storage(*params: gluon.Parameter) -> None:
-    """Rewrite arrays in place so they hold plain (default-layout) storage. MXNet's oneDNN BatchNorm attaches
-    its own memory to running statistics in inference; the native BatchNorm that deployq uses to update state
-    in training then crashed on such arrays."""
+    """Rewrite arrays in place so they hold plain (default-layout) storage. MXNet's oneDNN kernels keep
+    weights and statistics in their own layouts after an inference pass; the quantized graph (reshapes of the
+    weights, the native BatchNorm that updates state) then crashed on such arrays. Called on every switch
+    between the fp32 and the quantized graph."""
     for prm in params:
         if prm._data is not None:
-            for arr in prm.list_data():
-                arr[:] = arr.copy()
+            prm._data = [mx.nd.array(a.asnumpy(), ctx=a.context, dtype=a.dtype) for a in prm._data]
+            if prm.grad_req != "null":
+                prm._init_grad()  # attach gradient buffers to the new arrays
 
 
 def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = None,
@@ -159,6 +162,7 @@ def float_mode(net: gluon.Block):
     bns = [b for b in blocks if isinstance(b, BypassBatchNorm)]
     for b, _ in saved:
         b._dq_float = True
+        b.sync_batchnorm()
     for b in bns:
         b._dq_bypass = False
     _clear_cache(net)
@@ -244,10 +248,10 @@ def save(net: gluon.HybridBlock, path: str | os.PathLike, model_name: str = "",
     if info is None:
         raise ValueError("not a deployq-quantized net (call deployq.quantize first)")
     base = Path(path)
-    params, meta = base.with_suffix(".params"), base.with_suffix(".deployq.json")
-    tmp = base.with_suffix(".params.tmp")
+    params, meta = Path(f"{base}.params"), Path(f"{base}.deployq.json")
+    tmp = Path(f"{base}.params.tmp")
     net.save_parameters(str(tmp))
-    meta_tmp = base.with_suffix(".json.tmp")
+    meta_tmp = Path(f"{base}.json.tmp")
     meta_tmp.write_text(json.dumps({**info, "model": model_name, "input_shape": list(input_shape),
                                     "format": "deployq.qnet/1"}, indent=2))
     os.replace(tmp, params)
@@ -259,10 +263,11 @@ def load(path: str | os.PathLike, net: gluon.HybridBlock | None = None,
          ctx: mx.Context | None = None) -> gluon.HybridBlock:
     """Load a net saved with :func:`save`. ``net`` is a fresh fp32 net of the same architecture; if omitted,
     the built-in model named in the file is built."""
-    base = Path(path)
-    if base.suffix == ".params":
-        base = base.with_suffix("")
-    meta_path, params = base.with_suffix(".deployq.json"), base.with_suffix(".params")
+    base = str(path)
+    for suffix in (".params", ".deployq.json"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    meta_path, params = Path(f"{base}.deployq.json"), Path(f"{base}.params")
     for p in (meta_path, params):
         if not p.exists():
             raise FileNotFoundError(f"{p}: missing (a saved quantized net is <name>.params + <name>.deployq.json)")
@@ -315,7 +320,7 @@ class Trainer(gluon.Trainer):
                         blk_signed = st[0] < 0
                         t = max(abs(st[0]), abs(st[1])) if blk_signed else max(st[1], 0.0)
                         lsq.set_data(mx.nd.array([t / 127.0 if t > 0 else 1e-3]))
-            elif name.endswith("running_mean") or name.endswith("running_var"):
+            elif name.endswith("fakebn_mean") or name.endswith("fakebn_var"):
                 arrs = p.list_data()
                 if len(arrs) > 1:
                     mean = mx.nd.add_n(*[a.as_in_context(arrs[0].context) for a in arrs]) / len(arrs)

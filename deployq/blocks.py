@@ -57,13 +57,15 @@ class BypassBatchNorm(nn.BatchNorm):
 
 def _assign(F, state, value, scratch, anchor):
     """Schedule ``state <- value`` for the backward pass of a training step (see the module docstring);
-    returns a zero that must be added into the gradient path."""
-    # (K, 1) with axis=0: one element per channel; this also keeps MXNet's native kernel (its oneDNN kernel
-    # was seen to crash on tiny 2-D inputs after other BatchNorms ran)
-    fed = F.reshape(F.BlockGrad(value), (-1, 1))
+    returns a float32 zero that must be added into the gradient path. State is float64: MXNet then runs its
+    native BatchNorm kernel (its oneDNN kernel, float32 only, crashed on these tiny inputs after another
+    BatchNorm of the same channel count had run)."""
+    # a 1-D (K,) input with axis=0: one element per channel. 1-D keeps MXNet's native kernel: its oneDNN
+    # kernel crashed on 2-D inputs whose channel count matched a BatchNorm that had run before
+    fed = F.BlockGrad(value)
     b = F.BatchNorm(fed, anchor, F.zeros_like(anchor), state, scratch, momentum=0.0, fix_gamma=True,
                     use_global_stats=False, eps=1e-5, axis=0)
-    return F.sum(b) * 0
+    return F.cast(F.sum(b) * 0, "float32")
 
 
 def _is_train(F, like):
@@ -99,23 +101,34 @@ class _QuantMixin:
         ctx = self.weight.list_ctx() if self.weight._data is not None else None
         states = [("input_state", 4)] + ([("output_state", 4)] if cfg.output is not None else [])
         if bn is not None:
-            states.append(("bn_state", int(bn.running_mean.shape[0])))
+            c = int(bn.running_mean.shape[0])
+            states += [("fakebn_mean", c), ("fakebn_var", c)]
+            object.__setattr__(self, "_dq_bn_block", bn)  # a reference, not a child block
         new = []
         with self.name_scope():
             for name, k in states:
-                if name != "bn_state":
-                    new.append(self._add_param(name, (k,), mx.init.Zero(), grad_req="null", differentiable=False))
+                if not name.startswith("fakebn"):
+                    new.append(self._add_param(name, (k,), mx.init.Zero(), grad_req="null", differentiable=False,
+                                               dtype="float64"))
                 new.append(self._add_param(name + "_scratch", (k,), mx.init.Zero(), grad_req="null",
-                                           differentiable=False))
-                new.append(self._add_param(name + "_anchor", (k,), mx.init.One(), lr_mult=0.0, wd_mult=0.0))
+                                           differentiable=False, dtype="float64"))
+                new.append(self._add_param(name + "_anchor", (k,), mx.init.One(), lr_mult=0.0, wd_mult=0.0,
+                                           dtype="float64"))
             if algorithm == "lsq" and cfg.input is not None:
                 new.append(self._add_param("input_lsq_step", (1,), mx.init.Zero()))
+            if bn is not None:
+                # the running statistics the fake-BN layer trains; copied into the BatchNorm by
+                # deployq.float_mode (MXNet's oneDNN BatchNorm must not share arrays with the state updates)
+                for name, src in (("fakebn_mean", bn.running_mean), ("fakebn_var", bn.running_var)):
+                    prm = self._add_param(name, src.shape, mx.init.Zero(), grad_req="null", differentiable=False,
+                                          dtype="float64")
+                    prm.initialize(ctx=ctx)
+                    prm.set_data(mx.nd.array(src.data().asnumpy(), dtype="float64"))
         for prm in new:
             if prm._data is None and prm._deferred_init == ():
                 prm.initialize(ctx=ctx)
         if bn is not None:
-            for src, dst in (("gamma", "bn_gamma"), ("beta", "bn_beta"), ("running_mean", "bn_running_mean"),
-                             ("running_var", "bn_running_var")):
+            for src, dst in (("gamma", "bn_gamma"), ("beta", "bn_beta")):
                 self._reg_params[dst] = getattr(bn, src)
         if algorithm == "lsq" and cfg.weight is not None:
             w = self._weight_for_init()
@@ -159,8 +172,8 @@ class _QuantMixin:
     # ------------------------------------------------------------------ activations
     def _quant_activation(self, F, x, state, scratch, anchor, grid: TensorGrid | None, lsq_step=None):
         """Track the range of ``x`` and fake-quantize it; returns (x̂, steps_before, is_train)."""
-        bl = F.BlockGrad(F.reshape(F.min(x), (1,)))
-        bh = F.BlockGrad(F.reshape(F.max(x), (1,)))
+        bl = F.cast(F.BlockGrad(F.reshape(F.min(x), (1,))), "float64")
+        bh = F.cast(F.BlockGrad(F.reshape(F.max(x), (1,))), "float64")
         old_lo, old_hi = F.slice_axis(state, axis=0, begin=0, end=1), F.slice_axis(state, axis=0, begin=1, end=2)
         init = F.slice_axis(state, axis=0, begin=2, end=3) > 0.5
         steps = F.slice_axis(state, axis=0, begin=3, end=4)
@@ -172,8 +185,10 @@ class _QuantMixin:
         new_lo, new_hi = F.where(init, new_lo, bl), F.where(init, new_hi, bh)
         pin = _assign(F, state, F.concat(new_lo, new_hi, F.ones_like(bl), steps + 1, dim=0), scratch, anchor)
         is_train = _is_train(F, bl)
-        lo = F.where(is_train, new_lo, F.where(init, old_lo, bl))
-        hi = F.where(is_train, new_hi, F.where(init, old_hi, bh))
+        lo = F.cast(F.where(is_train, new_lo, F.where(init, old_lo, bl)), "float32")
+        hi = F.cast(F.where(is_train, new_hi, F.where(init, old_hi, bh)), "float32")
+        steps, is_train = F.cast(steps, "float32"), F.cast(is_train, "float32")
+        bl, bh = F.cast(bl, "float32"), F.cast(bh, "float32")
         self._pins.append(pin)
         if grid is None:
             return x, steps, is_train
@@ -252,15 +267,15 @@ class _QuantMixin:
         mean = F.mean(y, axis=(0, 2, 3))
         var = F.mean(F.square(F.broadcast_sub(y, F.reshape(mean, (1, -1, 1, 1)))), axis=(0, 2, 3))
         m = kw.get("momentum", 0.9)
-        old_m, old_v = p["bn_running_mean"], p["bn_running_var"]
-        new_m = m * old_m + (1 - m) * F.BlockGrad(mean)
-        new_v = m * old_v + (1 - m) * F.BlockGrad(var)
-        self._pins.append(_assign(F, old_m, new_m, p["bn_state_scratch"], p["bn_state_anchor"]))
-        self._pins.append(_assign(F, old_v, new_v, p["bn_state_scratch"], p["bn_state_anchor"]))
+        old_m, old_v = p["fakebn_mean"], p["fakebn_var"]
+        new_m = m * old_m + (1 - m) * F.cast(F.BlockGrad(mean), "float64")
+        new_v = m * old_v + (1 - m) * F.cast(F.BlockGrad(var), "float64")
+        self._pins.append(_assign(F, old_m, new_m, p["fakebn_mean_scratch"], p["fakebn_mean_anchor"]))
+        self._pins.append(_assign(F, old_v, new_v, p["fakebn_var_scratch"], p["fakebn_var_anchor"]))
         is_train = _is_train(F, F.slice_axis(old_m, axis=0, begin=0, end=1))
         rm = F.broadcast_add(F.broadcast_mul(is_train, new_m - old_m), old_m)
         rv = F.broadcast_add(F.broadcast_mul(is_train, new_v - old_v), old_v)
-        return self._fold_with(F, weight, bias, p, rm, rv)
+        return self._fold_with(F, weight, bias, p, F.cast(rm, "float32"), F.cast(rv, "float32"))
 
     def _fold_with(self, F, weight, bias, p, rm, rv):
         kw = self._dq_bn_kwargs
@@ -304,6 +319,14 @@ class _QuantMixin:
             out = F.broadcast_add(out, self._pins[0])
         return out
 
+    def sync_batchnorm(self) -> None:
+        """Copy the fake-BN running statistics into the folded BatchNorm block (fresh arrays)."""
+        bn = getattr(self, "_dq_bn_block", None)
+        if bn is None or self._dq_bn_kwargs is None:
+            return
+        for src, dst in ((self.fakebn_mean, bn.running_mean), (self.fakebn_var, bn.running_var)):
+            dst._data = [mx.nd.array(a.asnumpy(), ctx=a.context, dtype="float32") for a in src.list_data()]
+
     # ------------------------------------------------------------------ NumPy views for exporters
     def input_range(self) -> tuple[float, float]:
         """The input range (lo, hi) the simulation uses (tracked, calibrated or LSQ-learned)."""
@@ -313,7 +336,7 @@ class _QuantMixin:
             if s > 0:
                 t = s * self.layer_config.input.qmax
                 return (-t if self.layer_config.input.signed else 0.0), t
-        return float(st[0]), float(st[1])
+        return float(np.float32(st[0])), float(np.float32(st[1]))  # the simulation reads them as float32
 
     def input_threshold(self) -> float:
         lo, hi = self.input_range()
@@ -324,7 +347,7 @@ class _QuantMixin:
         """Set a calibrated input range (marks the tracker initialised; keeps its step count)."""
         for arr in self.input_state.list_data():
             st = arr.asnumpy()
-            arr[:] = mx.nd.array([lo, hi, 1.0, st[3]], ctx=arr.context)
+            arr[:] = mx.nd.array([lo, hi, 1.0, st[3]], ctx=arr.context, dtype=arr.dtype)
         if getattr(self, "input_lsq_step", None) is not None:
             grid = self.layer_config.input
             t = max(abs(lo), abs(hi)) if grid.signed else max(hi, 0.0)
@@ -338,8 +361,9 @@ class _QuantMixin:
         if self._dq_bn_kwargs is None:
             bb = b.asnumpy() if b is not None else np.zeros(w.shape[0], np.float32)
             return w.asnumpy(), bb
-        p = {k: self._reg_params[k].data() for k in ("bn_gamma", "bn_beta", "bn_running_mean", "bn_running_var")}
-        wf, bf = self._fold_with(mx.nd, w, b, p, p["bn_running_mean"], p["bn_running_var"])
+        p = {k: self._reg_params[k].data() for k in ("bn_gamma", "bn_beta", "fakebn_mean", "fakebn_var")}
+        wf, bf = self._fold_with(mx.nd, w, b, p, p["fakebn_mean"].astype("float32"),
+                                 p["fakebn_var"].astype("float32"))
         return wf.asnumpy(), bf.asnumpy()
 
     def quantized_weight(self) -> tuple[np.ndarray, np.ndarray]:
