@@ -8,6 +8,7 @@ one set of options, calibrate its input ranges, and report fp32 vs simulated int
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -120,7 +121,8 @@ def _collect_ranges(qnet: gluon.HybridBlock, x: np.ndarray, epochs: int, batch_s
     qnet.hybridize(active=False)
     handles = [b.register_forward_pre_hook(hook(n)) for n, b in layers.items()]
     try:
-        with api.float_mode(qnet):
+        with api.float_mode(qnet), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is not used by any computation.*")
             for ep in range(epochs):
                 for xb, _ in batches(x, None, batch_size, shuffle=True, seed=seed + ep):
                     qnet(mx.nd.array(xb))
