@@ -82,7 +82,7 @@ def run_demo(model: str = "mobilenet0.25", qat_epochs: float = 1.0, lr: float = 
     qat(qnet, qat_epochs, lr, seed=seed, quiet=quiet)
     qat_acc = evaluate(qnet, test)
     log(f"[3/3] QAT  (ncnn int8, {qat_epochs:g} epoch, lr {lr:g}): top-1 {100 * qat_acc:.2f}%")
-    api.save(qnet, out_dir / f"{model}-qat", model_name=model)
+    api.save(qnet, out_dir / f"{model.replace('.', '_')}-qat", model_name=model)  # save() swaps the suffix
     result = {"model": model, "profile": PROFILE, "fp32_top1": fp32, "ptq_top1": ptq, "qat_top1": qat_acc,
               "seconds": round(time.time() - t0, 1)}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=2))
