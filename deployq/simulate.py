@@ -162,7 +162,7 @@ def calibrate_ranges(qnet: gluon.HybridBlock, x: np.ndarray, method: str = "naiv
         except ImportError as e:
             raise ValueError(f"calibration method {method!r} needs deployq.calib, which is not installed in this "
                              f"build; available here: {', '.join(LOCAL_CALIB)}") from e
-        sf = calib.calibrate(qnet, x, method, profile, True)
+        sf = calib.calibrate(qnet, x, method=method, profile=profile, quiet=True, batch_size=batch_size)
         calib.apply(qnet, sf)
         return {n: b.input_range() for n, b in api.quant_layers(qnet).items()}
     if method == "naive":
