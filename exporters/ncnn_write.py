@@ -6,7 +6,7 @@ No decisions here: types, params, weight order and tags all come from ``exporter
 from __future__ import annotations
 
 import struct
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import jinja2
@@ -15,7 +15,7 @@ import numpy as np
 from .ncnn import LayerRecord, NcnnModel, ParamValue
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(name: str) -> jinja2.Template:
     text = resources.files("deployq.templates").joinpath(name).read_text()
     env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined, autoescape=False)
