@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scales", help="deployq scale file (JSON) for --symbol")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", help="file name stem (default: the model name)")
-    p.add_argument("--calib-per-class", type=int, default=20, help="calibration images per class (--model)")
+    p.add_argument("--calib-per-class", type=int, default=100, help="calibration images per class (--model)")
     p.add_argument("--winograd-3x3", choices=("disable", "six_bit"), default="disable",
                    help="int8 3x3 stride-1 convs: disable winograd (31=64) or train/quantize 6-bit weights")
     p.set_defaults(func=run)

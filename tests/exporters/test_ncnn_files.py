@@ -8,16 +8,16 @@ import re
 import mxnet as mx
 import numpy as np
 import pytest
-from google.protobuf import text_format
-
-import deployq
-from deployq.cli import main
 from deployq.exporters import caffe_pb2, mxnet_lower
 from deployq.exporters.caffe import caffe_pool_size, to_caffe
 from deployq.exporters.ir import Graph, Node, UnsupportedOpError
 from deployq.exporters.ncnn import lower, run
 from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
 from deployq.exporters.ncnn_write import bin_bytes, format_param, param_text
+from google.protobuf import text_format
+
+import deployq
+from deployq.cli import main
 from deployq.zoo import get_trained
 
 from .conftest import MODELS
@@ -232,3 +232,15 @@ def test_cli_bad_inputs(tmp_path, capsys, damage):
     assert rc != 0
     assert want in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_scale_file_weight_codes_are_ncnn2int8_codes():
+    """attach_scales' max-abs codes equal ncnn2int8's float2int8(W * 127/max|W|) (was all zeros)."""
+    from deployq.exporters.ncnn import float2int8
+    from deployq.exporters.qattach import weight_quant_maxabs
+
+    w = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)
+    wq = weight_quant_maxabs(w)
+    m = wq.multiplier().reshape(-1, 1, 1, 1)
+    np.testing.assert_array_equal(wq.codes, float2int8(w * m).astype(np.int32))
+    assert np.abs(wq.codes).reshape(4, -1).max(1).tolist() == [127] * 4
