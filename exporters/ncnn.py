@@ -116,8 +116,15 @@ def _fused_activation(g: Graph, node: Node) -> tuple[Node | None, tuple[int, tup
     return act, FUSED_ACTIVATION[kind]
 
 
+def pointwise_on_vector(node: Node) -> bool:
+    """A 1x1 stride-1 unpadded ungrouped conv: on ncnn's 1-D blob (after global pooling) it is an InnerProduct."""
+    a = node.attrs
+    return (node.op == "Convolution" and tuple(a["kernel"]) == (1, 1) and tuple(a["stride"]) == (1, 1)
+            and not any(a["pad"]) and a["num_group"] == 1)
+
+
 def _weight_layer(g: Graph, node: Node, int8: bool, bottom: str, top: str,
-                  act: tuple[int, tuple[float, ...]]) -> LayerRecord:
+                  act: tuple[int, tuple[float, ...]], on_vector: bool = False) -> LayerRecord:
     a = node.attrs
     w = g.param(node, "weight")
     b = g.param(node, "bias")
@@ -125,7 +132,13 @@ def _weight_layer(g: Graph, node: Node, int8: bool, bottom: str, top: str,
     if "wq" in node.attrs and not quant:  # weight-only quantized: the simulated (dequantized) weights in fp32
         wq = node.attrs["wq"]
         w = (wq.codes * wq.step.reshape((-1,) + (1,) * (wq.codes.ndim - 1))).astype(np.float32).reshape(w.shape)
-    if node.op == "Convolution":
+    if node.op == "Convolution" and on_vector:
+        if not pointwise_on_vector(node):
+            raise UnsupportedOpError(f"{node.name}: ncnn exporter: a {a['kernel']} convolution on a globally "
+                                     "pooled (1-D in ncnn) tensor")
+        ltype = "InnerProduct"
+        params = {0: a["num_filter"], 1: int(b is not None), 2: int(w.size)}
+    elif node.op == "Convolution":
         group = a["num_group"]
         ltype = "Convolution" if group == 1 else "ConvolutionDepthWise"
         (kh, kw), (sh, sw), (dh, dw), (ph, pw) = a["kernel"], a["stride"], a["dilate"], a["pad"]
@@ -222,17 +235,22 @@ def lower(g: Graph, int8: bool = False) -> NcnnModel:
     c, h, w = g.input_shape[1:]
     layers = [LayerRecord("Input", g.input_name, [], [g.input_name], {0: w, 1: h, 2: c})]
     skip: set[str] = set()
+    vectors: set[str] = set()  # tensors that are 1-D blobs in ncnn (global pooling, InnerProduct, Flatten)
     for node in g.nodes:
         if node.name in skip:
             continue
         xs = list(node.inputs)
+        if (node.op in ("FullyConnected", "Flatten") or (node.op == "Pooling" and node.attrs["global_pool"])
+                or any(t in vectors for t in xs) and node.op not in ("broadcast_add", "broadcast_mul")):
+            vectors.add(node.output)
         if node.op in ("Convolution", "FullyConnected"):
             act_node, act = _fused_activation(g, node)
             top = node.output
             if act_node is not None:
                 skip.add(act_node.name)
                 top = act_node.output
-            layers.append(_weight_layer(g, node, int8, xs[0], top, act))
+                vectors.update([top] if node.output in vectors else [])
+            layers.append(_weight_layer(g, node, int8, xs[0], top, act, on_vector=xs[0] in vectors))
         elif node.op in ("Activation", "clip", "LeakyReLU"):
             layers.append(_activation_layer(node, activation_kind(node), xs[0]))
         elif node.op == "Pooling":
@@ -335,9 +353,10 @@ def scale_table(g: Graph) -> list[tuple[str, list[float]]]:
 
 
 # ---------------------------------------------------------------------------------------------- runtime
-def run(param: str | Path, bin_: str | Path, x: np.ndarray, input_blob: str = "data", output_blob: str = "output",
+def run(param: str | Path, bin_: str | Path, x: np.ndarray, input_blob: str = "data", output_blob: str | None = None,
         packing: bool = False, threads: int = 1) -> np.ndarray:
-    """Run an ncnn model on NCHW images ``x`` (one at a time), fp16/bf16 off; returns flattened outputs."""
+    """Run an ncnn model on NCHW images ``x`` (one at a time), fp16/bf16 off; returns flattened outputs of
+    ``output_blob`` (default: the model's first output blob)."""
     import ncnn
 
     net = ncnn.Net()
@@ -349,6 +368,7 @@ def run(param: str | Path, bin_: str | Path, x: np.ndarray, input_blob: str = "d
     opt.num_threads = threads
     if net.load_param(str(param)) != 0 or net.load_model(str(bin_)) != 0:
         raise GraphError(f"ncnn could not load {param} / {bin_}")
+    output_blob = output_blob or net.output_names()[0]
     outs = []
     for img in np.asarray(x, np.float32):
         ex = net.create_extractor()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import deployq
-from deployq.data import load_mnist5k
 from deployq.exporters import mxnet_lower
 from deployq.exporters.ncnn import export_and_run, float2int8, lower, run
 from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
+
+import deployq
+from deployq.data import load_mnist5k
 from deployq.zoo import get_trained, predict
 
 from .conftest import MODELS
