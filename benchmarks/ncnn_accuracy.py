@@ -25,10 +25,11 @@ def ncnn_top1(files: dict[str, Path], key: str, x: np.ndarray, y: np.ndarray) ->
     return float(np.mean(run(files[f"{key}_param"], files[f"{key}_bin"], x).argmax(1) == y))
 
 
-def latency_ms(files: dict[str, Path], key: str, x: np.ndarray, reps: int = 300) -> float:
-    run(files[f"{key}_param"], files[f"{key}_bin"], x[:20])  # warm-up
+def latency_ms(files: dict[str, Path], key: str, x: np.ndarray, reps: int = 300, packing: bool = False) -> float:
+    """ms per image, batch 1, 1 thread (includes the Python Mat/extractor overhead of ``run``)."""
+    run(files[f"{key}_param"], files[f"{key}_bin"], x[:20], packing=packing)  # warm-up
     t = time.perf_counter()
-    run(files[f"{key}_param"], files[f"{key}_bin"], x[:reps])
+    run(files[f"{key}_param"], files[f"{key}_bin"], x[:reps], packing=packing)
     return (time.perf_counter() - t) / reps * 1e3
 
 
@@ -122,7 +123,8 @@ def main(models: list[str]) -> None:
             g, _ = qnet_graphs(net, name)
             mx_fp32 = float(np.mean(mxnet_lower.run(g, test.x)["output"].argmax(1) == test.y))
             ptq_acc = ncnn_top1(files, "int8", test.x, test.y)
-            lat = (latency_ms(files, "fp32", test.x), latency_ms(files, "int8", test.x))
+            lat = (latency_ms(files, "fp32", test.x), latency_ms(files, "int8", test.x),
+                   latency_ms(files, "fp32", test.x, packing=True), latency_ms(files, "int8", test.x, packing=True))
             qnet = qat(name, calib)
             qfiles = export_qnet(qnet, tmp / f"{name}-qat", name)
             qat_acc = ncnn_top1(qfiles, "int8", test.x, test.y)
@@ -130,12 +132,13 @@ def main(models: list[str]) -> None:
             mxq = mxnet_naive(name, calib, test)
             ortq = ort_static(name, calib, test, tmp)
             rows.append((name, mx_fp32, fp32, ptq_acc, qat_acc, qat_sim, mxq, ortq, *lat, time.time() - t0))
-    print("\nMNIST-5k test top-1 (1000 images); ncnn = PyPI ncnn runtime, 1 thread, fp16/bf16 off, packing off")
+    print("\nMNIST-5k test top-1 (1000 images); ncnn = PyPI ncnn runtime, 1 thread, fp16/bf16 off, packing off "
+          "(latency also with packing on)")
     head = ("model", "MXNet fp32", "ncnn fp32", "ncnn PTQ", "ncnn QAT", "QAT sim", "MXNet naive", "ORT static",
-            "ncnn fp32 ms", "ncnn int8 ms", "s")
+            "fp32 ms", "int8 ms", "fp32 ms pack", "int8 ms pack", "s")
     print(" | ".join(head))
     for r in rows:
-        print(" | ".join([r[0]] + [f"{v:.4f}" for v in r[1:8]] + [f"{r[8]:.3f}", f"{r[9]:.3f}", f"{r[10]:.0f}"]))
+        print(" | ".join([r[0]] + [f"{v:.4f}" for v in r[1:8]] + [f"{v:.3f}" for v in r[8:12]] + [f"{r[12]:.0f}"]))
     for r in rows:
         print(f"{r[0]}: PTQ - fp32 = {100 * (r[3] - r[2]):+.1f} points (target >= -0.5), "
               f"QAT - fp32 = {100 * (r[4] - r[2]):+.1f} points (target >= -0.2)")

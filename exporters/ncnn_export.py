@@ -97,10 +97,11 @@ def write_all(contents: dict[str, bytes], out_dir: str | Path, name: str) -> dic
     return final
 
 
-def export_qnet(qnet: Any, out_dir: str | Path, name: str = "model") -> dict[str, Path]:
+def export_qnet(qnet: Any, out_dir: str | Path, name: str = "model",
+                input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, Path]:
     from deployq import export_scales
 
-    g, gq = qnet_graphs(qnet, name)
+    g, gq = qnet_graphs(qnet, name, input_shape)
     return write_all(render(g, gq, export_scales(qnet, name)), out_dir, name)
 
 

@@ -284,3 +284,36 @@ def test_se_block_fp32_and_int8(tmp_path):
         assert np.mean(rel <= tol) >= 0.9 and rel.max() <= 1e-2, key  # int8: rare one-code rounding flips
     with pytest.raises(UnsupportedOpError, match="broadcast_mul"):
         to_caffe(gq)
+
+
+def test_cli_saved_qnet_route(tmp_path):
+    net = get_trained("resnet20", verbose=False)
+    deployq.quantize(net, profile="ncnn")
+    minmax_calibrate(net, balanced_images(5))
+    deployq.save(net, tmp_path / "r20", model_name="resnet20")
+    assert main(["export-ncnn", "--qnet", str(tmp_path / "r20"), "--out", str(tmp_path / "o")]) == 0
+    direct = export_qnet(net, tmp_path / "d", "r20")
+    for key in ("table", "int8_param", "int8_bin", "caffemodel"):
+        assert (tmp_path / "o" / direct[key].name).read_bytes() == direct[key].read_bytes(), key
+
+
+def test_dead_channel_multiplier_zero(tmp_path):
+    """A channel with all-zero folded weights: table multiplier 0, ncnn outputs the bias there."""
+    mx.random.seed(1)
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, padding=1, in_channels=3), gluon.nn.Dense(3, in_units=4 * 6 * 6))
+    net.initialize(mx.init.Xavier())
+    w = net[0].weight.data().asnumpy()
+    w[2] = 0
+    net[0].weight.set_data(mx.nd.array(w))
+    net.hybridize()
+    x = np.random.default_rng(1).normal(size=(20, 3, 6, 6)).astype(np.float32)
+    deployq.quantize(net, profile="ncnn")
+    minmax_calibrate(net, x)
+    _, gq = qnet_graphs(net, "dead", (1, 3, 6, 6))
+    files = export_qnet(net, tmp_path, "dead", (1, 3, 6, 6))
+    weights, _ = read_table(files["table"].read_text())
+    assert weights["0_param_0"][2] == 0.0 and all(v > 0 for i, v in enumerate(weights["0_param_0"]) if i != 2)
+    out = run(files["int8_param"], files["int8_bin"], x, output_blob="0")
+    bias = gq.param(gq.node("0"), "bias")
+    np.testing.assert_allclose(out.reshape(20, 4, 36)[:, 2], np.broadcast_to(bias[2], (20, 36)), rtol=1e-6)
