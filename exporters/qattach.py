@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from deployq.fakequant import np_quantize
+from deployq.fakequant import np_round_half_away
 from deployq.profiles import Profile, load_profile
 
 from .ir import Graph, GraphError
@@ -87,7 +87,9 @@ def weight_quant_maxabs(w: np.ndarray, bits: int = 8, qmax: int | None = None) -
     amax = np.abs(w.reshape(w.shape[0], -1)).max(1).astype(np.float32)
     mult = np.where(amax > 0, np.float32(qmax) / np.where(amax > 0, amax, 1), 1).astype(np.float32)
     shape = (-1,) + (1,) * (w.ndim - 1)
-    codes = np_quantize(w, mult.reshape(shape), -qmax, qmax, convention="multiplier")
+    # np_quantize's multiplier convention takes the step and multiplies by its reciprocal; ncnn computes
+    # round(w * multiplier) with the multiplier itself, so round here directly (half away from zero).
+    codes = np.clip(np_round_half_away(w.astype(np.float32) * mult.reshape(shape)), -qmax, qmax).astype(np.int32)
     return WeightQuant(codes, (amax / np.float32(qmax)).astype(np.float32), amax, -qmax, qmax, bits, "channel")
 
 

@@ -1,0 +1,148 @@
+"""MNIST-5k top-1 in ncnn's runtime: fp32, deployq PTQ (min-max), deployq QAT (2 epochs, lr 5e-3, from PTQ),
+beside MXNet ``quantize_net_v2(calib_mode='naive')`` and onnxruntime ``quantize_static`` (MinMax, per-channel, QDQ),
+plus ncnn fp32 vs int8 latency. Usage: ``python benchmarks/ncnn_accuracy.py [model ...]`` (a few minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+from deployq.exporters import mxnet_lower
+from deployq.exporters.ncnn import run
+from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
+from mxnet import autograd, gluon
+
+import deployq
+from deployq.data import batches, load_mnist5k
+from deployq.zoo import get_trained, predict
+
+
+def ncnn_top1(files: dict[str, Path], key: str, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(run(files[f"{key}_param"], files[f"{key}_bin"], x).argmax(1) == y))
+
+
+def latency_ms(files: dict[str, Path], key: str, x: np.ndarray, reps: int = 300, packing: bool = False) -> float:
+    """ms per image, batch 1, 1 thread (includes the Python Mat/extractor overhead of ``run``)."""
+    run(files[f"{key}_param"], files[f"{key}_bin"], x[:20], packing=packing)  # warm-up
+    t = time.perf_counter()
+    run(files[f"{key}_param"], files[f"{key}_bin"], x[:reps], packing=packing)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def ptq(name: str, calib: np.ndarray):
+    net = get_trained(name, verbose=False)
+    deployq.quantize(net, profile="ncnn")
+    minmax_calibrate(net, calib)
+    return net
+
+
+def qat(name: str, calib: np.ndarray, epochs: int = 2, lr: float = 5e-3):
+    net = ptq(name, calib)
+    train = load_mnist5k("train")
+    trainer = deployq.Trainer(net.collect_params(), "sgd", {"learning_rate": lr, "momentum": 0.9, "wd": 1e-4})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for epoch in range(epochs):
+        for xb, yb in batches(train.x, train.y, 64, shuffle=True, seed=epoch):
+            with autograd.record():
+                loss = loss_fn(net(mx.nd.array(xb)), mx.nd.array(yb))
+            loss.backward()
+            trainer.step(len(xb))
+    return net
+
+
+def mxnet_naive(name: str, calib: np.ndarray, test) -> float:
+    from mxnet.contrib.quantization import quantize_net_v2
+
+    net = get_trained(name, verbose=False)
+    data = gluon.data.DataLoader(gluon.data.ArrayDataset(calib, np.zeros(len(calib))), batch_size=32)
+    qnet = quantize_net_v2(net, quantized_dtype="auto", quantize_mode="full", quantize_granularity="channel-wise",
+                           calib_mode="naive", calib_data=data, num_calib_examples=len(calib), ctx=mx.cpu())
+    return float(np.mean(predict(qnet, test.x).argmax(1) == test.y))
+
+
+def ort_static(name: str, calib: np.ndarray, test, tmp: Path) -> float:
+    import onnx
+    import onnxruntime as ort
+    from deployq.exporters.frontend import from_gluon
+    from deployq.exporters.passes import optimize
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    g = optimize(from_gluon(get_trained(name, verbose=False)))  # BN folded (peers.md §3: needed per-channel)
+    sym, args, aux = mxnet_lower.to_symbol(g)
+    params = {**args, **aux}
+    fp32 = tmp / f"{name}.onnx"
+    mx.onnx.export_model(sym, params, in_shapes=[(1, 3, 32, 32)], in_types=[np.float32], onnx_file_path=str(fp32),
+                         dynamic=True, dynamic_input_shapes=[(None, 3, 32, 32)])
+    m = onnx.load(str(fp32))
+    inits = {i.name for i in m.graph.initializer}
+    keep = [i for i in m.graph.input if i.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    onnx.save(m, str(fp32))
+    in_name = keep[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{in_name: calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    q = tmp / f"{name}-int8.onnx"
+    quantize_static(str(fp32), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+    out = np.concatenate([sess.run(None, {in_name: xb})[0] for xb, _ in batches(test.x, None, 250)])
+    return float(np.mean(out.argmax(1) == test.y))
+
+
+def main(models: list[str]) -> None:
+    test = load_mnist5k("test")
+    calib = balanced_images(100)  # 1000 class-balanced train images (min-max)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for name in models:
+            t0 = time.time()
+            net = ptq(name, calib)
+            files = export_qnet(net, tmp / f"{name}-ptq", name)
+            fp32 = ncnn_top1(files, "fp32", test.x, test.y)
+            g, _ = qnet_graphs(net, name)
+            mx_fp32 = float(np.mean(mxnet_lower.run(g, test.x)["output"].argmax(1) == test.y))
+            ptq_acc = ncnn_top1(files, "int8", test.x, test.y)
+            lat = (latency_ms(files, "fp32", test.x), latency_ms(files, "int8", test.x),
+                   latency_ms(files, "fp32", test.x, packing=True), latency_ms(files, "int8", test.x, packing=True))
+            qnet = qat(name, calib)
+            qfiles = export_qnet(qnet, tmp / f"{name}-qat", name)
+            qat_acc = ncnn_top1(qfiles, "int8", test.x, test.y)
+            qat_sim = float(np.mean(predict(qnet, test.x).argmax(1) == test.y))
+            mxq = mxnet_naive(name, calib, test)
+            ortq = ort_static(name, calib, test, tmp)
+            rows.append((name, mx_fp32, fp32, ptq_acc, qat_acc, qat_sim, mxq, ortq, *lat, time.time() - t0))
+    print("\nMNIST-5k test top-1 (1000 images); ncnn = PyPI ncnn runtime, 1 thread, fp16/bf16 off, packing off "
+          "(latency also with packing on)")
+    head = ("model", "MXNet fp32", "ncnn fp32", "ncnn PTQ", "ncnn QAT", "QAT sim", "MXNet naive", "ORT static",
+            "fp32 ms", "int8 ms", "fp32 ms pack", "int8 ms pack", "s")
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join([r[0]] + [f"{v:.4f}" for v in r[1:8]] + [f"{v:.3f}" for v in r[8:12]] + [f"{r[12]:.0f}"]))
+    for r in rows:
+        print(f"{r[0]}: PTQ - fp32 = {100 * (r[3] - r[2]):+.1f} points (target >= -0.5), "
+              f"QAT - fp32 = {100 * (r[4] - r[2]):+.1f} points (target >= -0.2)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["mobilenet0.25", "resnet20"])
