@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train (or load cached) fp32 mobilenet0.25 on MNIST-5k, calibrate (PTQ) and "
                                    "fine-tune (QAT) it under the ncnn profile, print the three accuracies.")
     d.add_argument("--model", default="mobilenet0.25", choices=sorted(BUILTIN_MODELS))
-    d.add_argument("--qat-epochs", type=float, default=1.0, help="QAT epochs over MNIST-5k train (default 1)")
-    d.add_argument("--lr", type=float, default=0.01, help="QAT SGD learning rate (default 0.01)")
+    d.add_argument("--qat-epochs", type=float, default=2.0, help="QAT epochs over MNIST-5k train (default 2)")
+    d.add_argument("--lr", type=float, default=0.005, help="QAT SGD learning rate (default 0.005)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="deployq-demo", help="output directory (default ./deployq-demo)")
     d.add_argument("--quiet", action="store_true")
