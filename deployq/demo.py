@@ -50,7 +50,7 @@ def _ncnn_step(qnet: gluon.HybridBlock, out_dir: Path, quiet: bool = False, mode
     from .exporters.ncnn import export_and_run
 
     test = load_mnist5k("test")
-    res = export_and_run(qnet, out_dir / "ncnn", test.x, test.y, name=model.replace(".", "_"))
+    res = export_and_run(qnet, out_dir / "ncnn", test.x, test.y, name=model)
     print(f"[ncnn] int8 model in ncnn's runtime: top-1 {100 * res['accuracy']:.2f}%, agrees with deployq's "
           f"simulation on {100 * res['agreement']:.1f}% of {len(test)} images "
           f"(max logit difference {res['max_logit_error']:.3g}); files in {out_dir / 'ncnn'}")

@@ -112,6 +112,9 @@ def run_ncnn(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.
     net = ncnn.Net()
     net.opt.use_int8_inference = True
     net.opt.num_threads = 1
+    net.opt.use_packing_layout = False  # ncnn's packed depthwise int8 path approximates 1/scale (ncnn-int8.md §6)
+    for flag in ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
+        setattr(net.opt, flag, False)
     if net.load_param(str(man["paths"]["param"])) != 0:
         raise ValueError(f"ncnn cannot read {man['paths']['param']}")
     if net.load_model(str(man["paths"]["bin"])) != 0:
@@ -120,7 +123,7 @@ def run_ncnn(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.
     ys, per = [], {k: [] for k in layers}
     for img in x:
         ex = net.create_extractor()
-        ex.input(man["input"]["name"], ncnn.Mat(np.ascontiguousarray(img)))
+        ex.input(man["input"]["name"], ncnn.Mat(np.ascontiguousarray(img)).clone())  # clone: see ncnn-int8.md §9
         ret, mat = ex.extract(out_blob)
         if ret != 0:
             raise ValueError(f"ncnn: cannot extract blob {out_blob!r} (ret {ret})")

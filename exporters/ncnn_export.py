@@ -102,7 +102,28 @@ def export_qnet(qnet: Any, out_dir: str | Path, name: str = "model",
     from deployq import export_scales
 
     g, gq = qnet_graphs(qnet, name, input_shape)
-    return write_all(render(g, gq, export_scales(qnet, name)), out_dir, name)
+    files = write_all(render(g, gq, export_scales(qnet, name)), out_dir, name)
+    _write_manifest(qnet, Path(out_dir), name, input_shape, files)
+    return files
+
+
+def _write_manifest(qnet: Any, out: Path, name: str, input_shape: tuple[int, ...], files: dict[str, Path]) -> None:
+    """Save the quantized net beside the export and write ``deployq-export.json`` for ``deployq verify``."""
+    import ncnn
+
+    import deployq
+    from deployq.manifest import write_manifest
+
+    deployq.save(qnet, out / f"{name}-qnet", model_name=name, input_shape=input_shape)
+    net = ncnn.Net()
+    net.load_param(str(files["int8_param"]))
+    outputs = list(net.output_names())
+    rel = {"param": files["int8_param"].name, "bin": files["int8_bin"].name, "fp32_param": files["fp32_param"].name,
+           "fp32_bin": files["fp32_bin"].name, "table": files["table"].name, "scales": files["scales"].name,
+           "qnet": f"{name}-qnet"}
+    # no per-layer blobs: ncnn fuses activations into the convolutions and keeps requantized blobs as int8 codes
+    write_manifest(out, "ncnn", name, input_shape, rel, {}, f"deployq {deployq.__version__} export-ncnn",
+                   profile=getattr(qnet, "_deployq", {}).get("profile"), outputs=outputs)
 
 
 def export_files(symbol: str | Path, params: str | Path, scales_path: str | Path, out_dir: str | Path,

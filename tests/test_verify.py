@@ -62,3 +62,15 @@ def test_bad_inputs(export_dir, tmp_path):
     with pytest.raises(ValueError, match="shape"):
         load_data(str(tmp_path / "bad.npz"), (1, 3, 32, 32))
     assert main(["verify", str(tmp_path)]) == 1
+
+
+def test_ncnn_export_verifies_in_ncnn(tmp_path):
+    """export-ncnn writes the manifest; `deployq verify` runs the int8 model in ncnn's runtime."""
+    from deployq.exporters.ncnn_export import export_qnet as export_ncnn
+
+    qnet = deployq.quantize(get_trained("resnet20", verbose=False), profile="ncnn")
+    calibrate_minmax(qnet, load_mnist5k("train").x[:200])
+    export_ncnn(qnet, tmp_path, "resnet20")
+    rep = verify(tmp_path, limit=200)
+    assert rep["engine"] == "ncnn" and rep["agreement_sim"] == 1.0, rep
+    assert rep["mean_error_steps"] < 0.05, rep
