@@ -88,3 +88,23 @@ def calibrate_minmax(net: gluon.HybridBlock, x: np.ndarray, batch_size: int = 25
         ranges[path] = (float(a.min()), float(a.max()))
         blk.set_input_range(*ranges[path])
     return ranges
+
+
+def output_step(net: gluon.HybridBlock) -> float:
+    """One output quantization step of the logits: the largest logit change that a one-step change of every
+    input code of the last quantized layer causes, ``input_step * max_c sum_j |W_f[c, j]|`` (``input_step`` =
+    threshold/qmax on a symmetric grid, (hi - lo)/(qmax - qmin) on an affine one; ``W_f`` BN-folded). An engine
+    whose float summation order flips one rounding upstream stays within about this bound."""
+    layers = list(quant_layers(net).values())
+    if not layers:
+        raise ValueError("output_step needs a deployq-quantized net")
+    last = layers[-1]
+    w = last.folded_weight_bias()[0]
+    grid = last.layer_config.input
+    qmax, qmin = (grid.qmax, grid.qmin) if grid is not None else (127, -127)
+    if grid is None or grid.symmetric:
+        step = last.input_threshold() / qmax
+    else:
+        lo, hi = last.input_range()
+        step = (max(hi, 0.0) - min(lo, 0.0)) / (qmax - qmin)
+    return float(step * np.abs(w.reshape(len(w), -1)).sum(1).max())

@@ -209,7 +209,7 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str = "built
            thresholds: Thresholds = Thresholds(), layers: bool = True, **runner_kw: Any) -> dict[str, Any]:
     """Run the export and compare; returns a JSON-able report with ``passed`` and ``breaches``."""
     from .api import load
-    from .layerwise import run_layers
+    from .layerwise import output_step, run_layers
 
     man = read_manifest(export_dir)
     engine = engine or man["engine"]
@@ -226,7 +226,7 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str = "built
     f32_l = _fp32_layers(qnet, x, shape, {k: man["layers"][k] for k in names})
     out, out_l = RUNNERS[engine](man, x, names, **runner_kw)
     out = out.reshape(sim.shape)
-    step = float(np.abs(sim).max() / 127) or 1.0
+    step = output_step(qnet) or 1.0
     err = np.abs(out - sim) / step
     rep: dict[str, Any] = {
         "engine": engine, "export_dir": str(export_dir), "model": man.get("model"), "images": int(len(x)),
@@ -263,7 +263,7 @@ def format_report(rep: dict[str, Any]) -> str:
     lines = [f"{rep['engine']} vs simulation on {rep['images']} images ({rep['model']}):",
              f"  top-1 agreement {rep['agreement_sim']:.4f} (vs fp32 {rep['agreement_fp32']:.4f})",
              f"  output error: max {rep['max_error_steps']:.3f}, mean {rep['mean_error_steps']:.4f} steps "
-             f"(step {rep['output_step']:.4g} = max|y_sim|/127)"]
+             f"(step {rep['output_step']:.4g}: one input step on every input of the last layer)"]
     if "accuracy" in rep:
         a = rep["accuracy"]
         lines.append(f"  accuracy: runtime {a['runtime']:.4f}, sim {a['sim']:.4f}, fp32 {a['fp32']:.4f}")

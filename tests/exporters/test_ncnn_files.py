@@ -12,7 +12,7 @@ from deployq.exporters import caffe_pb2, mxnet_lower
 from deployq.exporters.caffe import caffe_pool_size, to_caffe
 from deployq.exporters.ir import Graph, Node, UnsupportedOpError
 from deployq.exporters.ncnn import lower, run
-from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
+from deployq.exporters.ncnn_export import SUFFIXES, balanced_images, export_qnet, minmax_calibrate, qnet_graphs
 from deployq.exporters.ncnn_write import bin_bytes, format_param, param_text
 from google.protobuf import text_format
 from mxnet import gluon
@@ -184,7 +184,9 @@ def test_cli_byte_identical_and_file_route(tmp_path, capsys):
     assert main(["export-ncnn", "--model", "mobilenet0.25", "--out", str(tmp_path / "b")]) == 0
     assert "int8_param" in capsys.readouterr().out
     a = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert len(a) == 8 and a == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert a == sorted(["deployq-export.json", "mobilenet0.25-qnet.deployq.json", "mobilenet0.25-qnet.params"]
+                      + [f"mobilenet0.25{s}" for s in SUFFIXES.values()])
+    assert a == sorted(p.name for p in (tmp_path / "b").iterdir())
     for f in a:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     net = _fp32_files(tmp_path)

@@ -10,6 +10,7 @@ from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_c
 
 import deployq
 from deployq.data import load_mnist5k
+from deployq.layerwise import output_step
 from deployq.zoo import get_trained, predict
 
 from .conftest import MODELS
@@ -28,14 +29,6 @@ def exported(request, tmp_path_factory):
     net = _ptq(name)
     files = export_qnet(net, tmp_path_factory.mktemp(name), name)
     return name, net, files
-
-
-def output_step(net) -> float:
-    """One output quantization step: the largest logit change caused by one input-grid step on every input of
-    the last layer, ``(T_in / 127) * max_c sum_j |W_f[c, j]|`` (T_in: the last layer's input threshold)."""
-    last = list(deployq.quant_layers(net).values())[-1]
-    w = last.folded_weight_bias()[0]
-    return float(last.input_threshold() / 127 * np.abs(w.reshape(len(w), -1)).sum(1).max())
 
 
 def test_fp32_matches_mxnet(exported):
