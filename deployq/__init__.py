@@ -18,9 +18,10 @@ from .api import (  # noqa: E402
     quant_layers,
     quantize,
     save,
+    use_native,
 )
 from .config import ConfigError, LayerConfig  # noqa: E402
 from .profiles import Profile, load_profile  # noqa: E402
 
 __all__ = ["quantize", "describe", "quant_layers", "float_mode", "export_scales", "fingerprint", "save", "load",
-           "Trainer", "ConfigError", "LayerConfig", "Profile", "load_profile", "__version__"]
+           "Trainer", "use_native", "ConfigError", "LayerConfig", "Profile", "load_profile", "__version__"]

@@ -176,6 +176,16 @@ def float_mode(net: gluon.Block):
         _clear_cache(net)
 
 
+def use_native(net: gluon.Block, enabled: bool | None = True) -> gluon.Block:
+    """Compute the quantized layers with deployq's fused operators (``deployq.native``; the default where they
+    load) or, with ``enabled=False``, with plain MXNet operators: identical results, slower training, and a
+    symbol from ``net.export`` that loads in an MXNet without deployq. Returns ``net``."""
+    for b in quant_layers(net).values():
+        b.use_native = None if enabled else False
+    _clear_cache(net)
+    return net
+
+
 def fingerprint(net: gluon.HybridBlock) -> str:
     """Structure fingerprint of the fp32 graph (equal for the net and its json/params export)."""
     with float_mode(net):

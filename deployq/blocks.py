@@ -29,11 +29,15 @@ import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
+from . import native
 from .config import LayerConfig
 from .fakequant import fake_quantize, grad_scale, scale_from_threshold
 from .profiles import Profile, TensorGrid
 
 ALGORITHMS = ("naive", "qat", "dorefa", "lsq", "bnn", "observer")
+#: algorithms whose forward the fused operators of ``deployq.native`` compute (LSQ and BNN learn or binarise
+#: their steps and use MXNet operators)
+NATIVE_ALGORITHMS = ("naive", "qat", "dorefa", "observer")
 
 
 class BypassBatchNorm(nn.BatchNorm):
@@ -130,6 +134,7 @@ class _QuantMixin:
         if bn is not None:
             for src, dst in (("gamma", "bn_gamma"), ("beta", "bn_beta")):
                 self._reg_params[dst] = getattr(bn, src)
+        self.use_native = None
         if algorithm == "lsq" and cfg.weight is not None:
             w = self._weight_for_init()
             init = self._lsq_weight_init(w, cfg.weight)
@@ -285,6 +290,72 @@ class _QuantMixin:
         b = p["bn_beta"] + (0 - rm if bias is None else bias - rm) * k
         return w, b
 
+    # ------------------------------------------------------------------ fused operators (deployq.native)
+    @property
+    def use_native(self) -> bool | None:
+        """Use the fused operators of ``deployq.native`` (None: when they load; False: MXNet operators)."""
+        return self._dq_use_native
+
+    @use_native.setter
+    def use_native(self, value: bool | None) -> None:
+        self._dq_use_native = value
+        # the MXNet-operator formulation keeps its state updates on the gradient path through the anchors;
+        # the fused operators update state themselves, and an anchor without gradient would be a stale one
+        req = "null" if self._native() else "write"
+        for name, prm in self._reg_params.items():
+            if name.endswith("_anchor"):
+                prm.grad_req = req
+
+    def _native(self) -> bool:
+        return self._dq_use_native is not False and self.algorithm in NATIVE_ALGORITHMS and native.available()
+
+    def _native_activation(self, F, x, state, grid: TensorGrid | None, is_train):
+        """(x̂, gate): ``dq_act_quant`` tracks the range of ``x`` and fake-quantizes it; ``gate`` (1,) is 1 where
+        the weights are quantized too (after ``quant_start_step``, and not while an observer trains)."""
+        prof = self.profile
+        kw = dict(quant=0, qmin=-127, qmax=127)
+        if grid is not None:
+            kw = dict(quant=1 if grid.symmetric else 2, signed=int(grid.signed), qmin=grid.qmin, qmax=grid.qmax)
+        y, used = F.dq_act_quant(x, state, is_train, rounding=prof.rounding, convention=prof.scale_convention,
+                                 momentum=repr(float(self._dq_momentum)), observer=int(self.algorithm == "observer"),
+                                 online=int(self.layer_config.input_mode == "online"),
+                                 mask_clipped=int(self.algorithm != "naive"),
+                                 start_step=self.layer_config.quant_start_step, **kw)
+        return y, F.slice_axis(used, axis=0, begin=3, end=4)
+
+    def _native_weight(self, F, w, gate):
+        grid = self.layer_config.weight
+        if self.algorithm == "dorefa":
+            wq = self._quant_weight(F, w, {})
+            return w + F.broadcast_mul(gate, wq - w) if self.layer_config.quant_start_step > 0 else wq
+        return F.dq_weight_quant(w, gate, units=self._lsq_units(grid), qmin=grid.qmin, qmax=grid.qmax,
+                                 rounding=self.profile.rounding, convention=self.profile.scale_convention)
+
+    def _native_fold(self, F, x, weight, bias, p, is_train):
+        y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
+                          **{**self._kwargs, "no_bias": bias is None})
+        stats = F.dq_bn_stats(F.BlockGrad(y), p["fakebn_mean"], p["fakebn_var"], is_train,
+                              momentum=repr(float(self._dq_bn_kwargs.get("momentum", 0.9))))
+        rm, rv = F.BlockGrad(stats[0]), F.BlockGrad(stats[1])
+        return self._fold_with(F, weight, bias, p, rm, rv)
+
+    def _native_forward(self, F, x, weight, bias, p):
+        cfg = self.layer_config
+        state = p["input_state"]
+        is_train = _is_train(F, F.cast(F.slice_axis(state, axis=0, begin=0, end=1), "float32"))
+        xq, gate = self._native_activation(F, x, state, cfg.input, is_train)
+        if self._dq_bn_kwargs is not None:
+            w, b = self._native_fold(F, xq, weight, bias, p, is_train)
+        else:
+            w, b = weight, bias
+        wq = self._native_weight(F, w, gate) if cfg.weight is not None else w
+        out = self._layer(F, xq, wq, b)
+        if self.act is not None:
+            out = self.act(out)
+        if cfg.output is not None:
+            out, _ = self._native_activation(F, out, p["output_state"], cfg.output, is_train)
+        return out
+
     # ------------------------------------------------------------------ forward
     def _layer(self, F, x, w, b):
         raise NotImplementedError
@@ -292,21 +363,26 @@ class _QuantMixin:
     def hybrid_forward(self, F, x, weight, bias=None, **p):
         if self._dq_float:
             return super().hybrid_forward(F, x, weight, bias)
+        if self._native():
+            return self._native_forward(F, x, weight, bias, p)
         cfg = self.layer_config
         self._pins = []
         xq, steps, is_train = self._quant_activation(F, x, p["input_state"], p["input_state_scratch"],
                                                      p["input_state_anchor"], cfg.input, p.get("input_lsq_step"))
+        # before quant_start_step, and while an observer trains, the layer computes in fp32 (BN statistics too)
+        active = steps >= cfg.quant_start_step if cfg.quant_start_step > 0 else None
+        if active is not None:
+            xq = x + F.broadcast_mul(active, xq - x)
+        if self.algorithm == "observer":
+            xq = xq + F.broadcast_mul(is_train, x - xq)
         if self._dq_bn_kwargs is not None:
             w, b = self._fold(F, xq, weight, bias, p)
         else:
             w, b = weight, bias
         wq = self._quant_weight(F, w, p) if cfg.weight is not None else w
-        if cfg.quant_start_step > 0:
-            active = steps >= cfg.quant_start_step
-            xq = x + F.broadcast_mul(active, xq - x)
+        if active is not None:
             wq = w + F.broadcast_mul(active, wq - w)
         if self.algorithm == "observer":
-            xq = xq + F.broadcast_mul(is_train, x - xq)
             wq = wq + F.broadcast_mul(is_train, w - wq)
         wq = F.broadcast_add(wq, F.add_n(*self._pins))  # adds 0; keeps the state updates on the gradient path
         out = self._layer(F, xq, wq, b)

@@ -9,6 +9,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import deployq
+import deployq.native
 from deployq.fakequant import np_round_half_away
 
 
@@ -252,8 +253,16 @@ def test_hybridize_and_export_quantized_net(tmp_path):
     y = net(x).asnumpy()
     net.export(str(tmp_path / "q"))
     ops = {n["op"] for n in json.loads((tmp_path / "q-symbol.json").read_text())["nodes"]}
-    assert "round" in ops and "Custom" not in ops  # plain MXNet ops only: reloads without deployq
+    assert "Custom" not in ops and ("dq_act_quant" in ops) == deployq.native.available()
     back = gluon.SymbolBlock.imports(str(tmp_path / "q-symbol.json"), ["data"], str(tmp_path / "q-0000.params"))
+    np.testing.assert_array_equal(back(x).asnumpy(), y)
+    # with MXNet operators: the same outputs from a symbol of plain MXNet ops (reloads without deployq)
+    deployq.use_native(net, False)
+    np.testing.assert_array_equal(net(x).asnumpy(), y)
+    net.export(str(tmp_path / "p"))
+    ops = {n["op"] for n in json.loads((tmp_path / "p-symbol.json").read_text())["nodes"]}
+    assert "round" in ops and not any(op.startswith("dq_") for op in ops)
+    back = gluon.SymbolBlock.imports(str(tmp_path / "p-symbol.json"), ["data"], str(tmp_path / "p-0000.params"))
     np.testing.assert_array_equal(back(x).asnumpy(), y)
 
 

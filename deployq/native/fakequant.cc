@@ -1,0 +1,388 @@
+// deployq's fused fake-quantization operators for MXNet 1.9 (loaded with mx.library.load).
+//
+// They compute exactly what deployq/fakequant.py and deployq/blocks.py compute with MXNet ops (same float32
+// operations in the same order; compiled with -ffp-contract=off so no fused multiply-add changes a rounding),
+// in one pass instead of ~30 small operators per layer:
+//
+//   dq_act_quant(x, state, is_train) -> (y, used)      range tracking + fake quantization of an activation
+//   dq_weight_quant(w, gate) -> wq                      per-layer / per-group / per-channel weight fake quant
+//   dq_bn_stats(y, mean, var, is_train) -> (rm, rv)     fake-BN batch statistics + running-statistics update
+//
+// Conventions: a "multiplier" scale gives q = round(x * scale) (ncnn, scale = qmax / threshold); a "step"
+// gives q = round(x / step) (MXNet, ONNX, Tengine, step = threshold / qmax). state = [lo, hi, initialised,
+// steps] (float64), updated in the forward of a training step only. Gradients are straight-through: the
+// incoming gradient where the rounded code lies inside [qmin, qmax] (or everywhere with mask_clipped=0).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "lib_api.h"
+
+using namespace mxnet::ext;
+using Attrs = std::unordered_map<std::string, std::string>;
+
+namespace {
+
+int attr_int(const Attrs& a, const char* k, int d) {
+  auto it = a.find(k);
+  return it == a.end() ? d : std::stoi(it->second);
+}
+double attr_double(const Attrs& a, const char* k, double d) {
+  auto it = a.find(k);
+  return it == a.end() ? d : std::stod(it->second);
+}
+std::string attr_str(const Attrs& a, const char* k, const char* d) {
+  auto it = a.find(k);
+  return it == a.end() ? std::string(d) : it->second;
+}
+
+// round half away from zero (MXNet round, C roundf) or half to even (deployq.fakequant.round_half_even)
+inline float round_code(float v, bool even) {
+  if (!even) return std::round(v);
+  float t = std::trunc(v);
+  if (std::fabs(v - t) == 0.5f) return 2.0f * std::round(v * 0.5f);
+  return std::round(v);
+}
+
+struct Grid {
+  bool multiplier;  // true: q = round(x * scale); false: q = round(x / scale)
+  float scale;
+  float zero_point;
+  bool affine;
+  float qmin, qmax;
+  bool even;
+  inline float code(float x) const {  // rounded (not yet clipped) code, zero point added
+    float v = multiplier ? x * scale : x / scale;
+    float r = round_code(v, even);
+    return affine ? r + zero_point : r;
+  }
+  inline float dequant(float q) const {
+    if (affine) q = q - zero_point;
+    return multiplier ? q / scale : q * scale;
+  }
+};
+
+// scale for a symmetric threshold T (deployq.fakequant.scale_from_threshold): 1 stands in for T == 0
+inline float scale_from_threshold(float thr, float qmax, bool multiplier) {
+  float safe = thr > 0 ? thr : 1.0f;
+  return multiplier ? qmax / safe : safe / qmax;
+}
+
+struct ActAttrs {
+  int quant;  // 0: track only, 1: symmetric, 2: affine
+  bool is_signed, even, multiplier, observer, online, mask_clipped;
+  float qmin, qmax;
+  double momentum;
+  int start_step;
+  explicit ActAttrs(const Attrs& a)
+      : quant(attr_int(a, "quant", 0)),
+        is_signed(attr_int(a, "signed", 1) != 0),
+        even(attr_str(a, "rounding", "half_away_from_zero") == "half_to_even"),
+        multiplier(attr_str(a, "convention", "step") == "multiplier"),
+        observer(attr_int(a, "observer", 0) != 0),
+        online(attr_int(a, "online", 0) != 0),
+        mask_clipped(attr_int(a, "mask_clipped", 1) != 0),
+        qmin(static_cast<float>(attr_int(a, "qmin", -127))),
+        qmax(static_cast<float>(attr_int(a, "qmax", 127))),
+        momentum(attr_double(a, "momentum", 0.9)),
+        start_step(attr_int(a, "start_step", 0)) {}
+
+  Grid grid(float lo, float hi) const {
+    Grid g{multiplier, 1.0f, 0.0f, quant == 2, qmin, qmax, even};
+    if (quant == 1) {
+      float thr = is_signed ? std::max(std::fabs(lo), std::fabs(hi)) : std::max(hi, 0.0f);
+      g.scale = scale_from_threshold(thr, qmax, multiplier);
+    } else if (quant == 2) {  // uint8 with a zero point (ONNX); always the step convention
+      float lo0 = std::min(lo, 0.0f), hi0 = std::max(hi, 0.0f);
+      float span = hi0 - lo0;
+      float step = (span > 0 ? span : 1.0f) / (qmax - qmin);
+      g.multiplier = false;
+      g.scale = step;
+      g.zero_point = std::min(std::max(std::round(qmin - lo0 / step), qmin), qmax);
+    }
+    return g;
+  }
+};
+
+// ------------------------------------------------------------------ dq_act_quant
+MXReturnValue act_parse(const Attrs&, int* n_in, int* n_out) {
+  *n_in = 3;
+  *n_out = 2;
+  return MX_SUCCESS;
+}
+MXReturnValue act_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  if ((*in)[0] != kFloat32 || (*in)[1] != kFloat64) {
+    MX_ERROR_MSG << "dq_act_quant: needs float32 data and a float64 state";
+    return MX_FAIL;
+  }
+  (*out)[0] = kFloat32;
+  (*out)[1] = kFloat32;
+  return MX_SUCCESS;
+}
+MXReturnValue act_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                        std::vector<std::vector<unsigned int>>* out) {
+  (*out)[0] = (*in)[0];
+  (*out)[1] = {4};
+  return MX_SUCCESS;
+}
+MXReturnValue act_mutate(const Attrs&, std::vector<int>* idx) {
+  idx->push_back(1);
+  return MX_SUCCESS;
+}
+
+MXReturnValue act_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                          const OpResource&) {
+  const ActAttrs a(attrs);
+  const float* x = (*in)[0].data<float>();
+  double* st = (*in)[1].data<double>();
+  const bool train = (*in)[2].data<float>()[0] != 0.0f;
+  float* y = (*out)[0].data<float>();
+  float* used = (*out)[1].data<float>();
+  const int64_t n = (*in)[0].size();
+
+  float bl = x[0], bh = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    bl = std::min(bl, x[i]);
+    bh = std::max(bh, x[i]);
+  }
+  const double old_lo = st[0], old_hi = st[1], steps = st[3];
+  const bool init = st[2] > 0.5;
+  double new_lo, new_hi;
+  if (a.observer) {
+    new_lo = std::min(old_lo, static_cast<double>(bl));
+    new_hi = std::max(old_hi, static_cast<double>(bh));
+  } else {
+    new_lo = old_lo * a.momentum + static_cast<double>(bl) * (1.0 - a.momentum);
+    new_hi = old_hi * a.momentum + static_cast<double>(bh) * (1.0 - a.momentum);
+  }
+  if (!init) {
+    new_lo = bl;
+    new_hi = bh;
+  }
+  float lo, hi;
+  if (train) {
+    st[0] = new_lo;
+    st[1] = new_hi;
+    st[2] = 1.0;
+    st[3] = steps + 1.0;
+    lo = static_cast<float>(new_lo);
+    hi = static_cast<float>(new_hi);
+  } else {
+    lo = init ? static_cast<float>(old_lo) : bl;
+    hi = init ? static_cast<float>(old_hi) : bh;
+  }
+  if (a.online) {
+    lo = bl;
+    hi = bh;
+  }
+  const bool active = a.start_step <= 0 || static_cast<float>(steps) >= static_cast<float>(a.start_step);
+  const bool gate = active && !(a.observer && train);  // quantize weights too
+  const bool quantize = a.quant != 0 && gate;
+  used[0] = lo;
+  used[1] = hi;
+  used[2] = quantize ? 1.0f : 0.0f;
+  used[3] = gate ? 1.0f : 0.0f;
+  if (!quantize) {
+    if (y != x) std::memcpy(y, x, sizeof(float) * n);
+    return MX_SUCCESS;
+  }
+  const Grid g = a.grid(lo, hi);
+  for (int64_t i = 0; i < n; ++i) {
+    float q = std::min(std::max(g.code(x[i]), g.qmin), g.qmax);
+    y[i] = g.dequant(q);
+  }
+  return MX_SUCCESS;
+}
+
+// inputs: dy, dused, x, state, is_train, y, used; outputs: dx, dstate, dis_train
+MXReturnValue act_backward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                           const OpResource&) {
+  const ActAttrs a(attrs);
+  const float* dy = (*in)[0].data<float>();
+  const float* x = (*in)[2].data<float>();
+  const float* used = (*in)[6].data<float>();
+  float* dx = (*out)[0].data<float>();
+  const int64_t n = (*in)[0].size();
+  if (used[2] == 0.0f || !a.mask_clipped) {
+    if (dx != dy) std::memcpy(dx, dy, sizeof(float) * n);
+  } else {
+    const Grid g = a.grid(used[0], used[1]);
+    for (int64_t i = 0; i < n; ++i) {
+      float q = g.code(x[i]);
+      dx[i] = (q >= g.qmin && q <= g.qmax) ? dy[i] : 0.0f;
+    }
+  }
+  std::memset((*out)[1].data_ptr, 0, sizeof(double) * (*out)[1].size());
+  std::memset((*out)[2].data_ptr, 0, sizeof(float) * (*out)[2].size());
+  return MX_SUCCESS;
+}
+
+// ------------------------------------------------------------------ dq_weight_quant
+// attrs: units (1: per layer, k: k consecutive blocks of output channels), qmax, qmin, rounding, convention
+MXReturnValue w_parse(const Attrs&, int* n_in, int* n_out) {
+  *n_in = 2;
+  *n_out = 1;
+  return MX_SUCCESS;
+}
+MXReturnValue w_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  if ((*in)[0] != kFloat32) {
+    MX_ERROR_MSG << "dq_weight_quant: needs float32 weights";
+    return MX_FAIL;
+  }
+  (*out)[0] = kFloat32;
+  return MX_SUCCESS;
+}
+MXReturnValue w_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                      std::vector<std::vector<unsigned int>>* out) {
+  (*out)[0] = (*in)[0];
+  return MX_SUCCESS;
+}
+MXReturnValue w_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                        const OpResource&) {
+  const float* w = (*in)[0].data<float>();
+  const bool gate = (*in)[1].data<float>()[0] != 0.0f;
+  float* wq = (*out)[0].data<float>();
+  const int64_t n = (*in)[0].size();
+  if (!gate) {
+    if (wq != w) std::memcpy(wq, w, sizeof(float) * n);
+    return MX_SUCCESS;
+  }
+  const int64_t units = attr_int(attrs, "units", 1);
+  const float qmin = static_cast<float>(attr_int(attrs, "qmin", -127));
+  const float qmax = static_cast<float>(attr_int(attrs, "qmax", 127));
+  const bool even = attr_str(attrs, "rounding", "half_away_from_zero") == "half_to_even";
+  const bool multiplier = attr_str(attrs, "convention", "step") == "multiplier";
+  const int64_t per = n / units;
+  for (int64_t u = 0; u < units; ++u) {
+    const float* src = w + u * per;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < per; ++i) amax = std::max(amax, std::fabs(src[i]));
+    const Grid g{multiplier, scale_from_threshold(amax, qmax, multiplier), 0.0f, false, qmin, qmax, even};
+    float* dst = wq + u * per;
+    for (int64_t i = 0; i < per; ++i) dst[i] = g.dequant(std::min(std::max(g.code(src[i]), qmin), qmax));
+  }
+  return MX_SUCCESS;
+}
+// inputs: dwq, w, gate, wq; outputs: dw, dgate (straight through: the weight grid never clips max|w|)
+MXReturnValue w_backward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                         const OpResource&) {
+  const int64_t n = (*in)[0].size();
+  if ((*out)[0].data_ptr != (*in)[0].data_ptr) std::memcpy((*out)[0].data_ptr, (*in)[0].data_ptr, sizeof(float) * n);
+  std::memset((*out)[1].data_ptr, 0, sizeof(float) * (*out)[1].size());
+  return MX_SUCCESS;
+}
+
+// ------------------------------------------------------------------ dq_bn_stats
+MXReturnValue bn_parse(const Attrs&, int* n_in, int* n_out) {
+  *n_in = 4;
+  *n_out = 2;
+  return MX_SUCCESS;
+}
+MXReturnValue bn_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  if ((*in)[0] != kFloat32 || (*in)[1] != kFloat64 || (*in)[2] != kFloat64) {
+    MX_ERROR_MSG << "dq_bn_stats: needs float32 data and float64 statistics";
+    return MX_FAIL;
+  }
+  (*out)[0] = kFloat32;
+  (*out)[1] = kFloat32;
+  return MX_SUCCESS;
+}
+MXReturnValue bn_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                       std::vector<std::vector<unsigned int>>* out) {
+  if ((*in)[0].size() < 2) {
+    MX_ERROR_MSG << "dq_bn_stats: needs (N, C, ...) data";
+    return MX_FAIL;
+  }
+  (*out)[0] = {(*in)[0][1]};
+  (*out)[1] = {(*in)[0][1]};
+  return MX_SUCCESS;
+}
+MXReturnValue bn_mutate(const Attrs&, std::vector<int>* idx) {
+  idx->push_back(1);
+  idx->push_back(2);
+  return MX_SUCCESS;
+}
+MXReturnValue bn_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                         const OpResource&) {
+  MXTensor& yt = (*in)[0];
+  const float* y = yt.data<float>();
+  double* mean = (*in)[1].data<double>();
+  double* var = (*in)[2].data<double>();
+  const bool train = (*in)[3].data<float>()[0] != 0.0f;
+  float* rm = (*out)[0].data<float>();
+  float* rv = (*out)[1].data<float>();
+  const int64_t batch = yt.shape[0], c = yt.shape[1];
+  int64_t inner = 1;
+  for (size_t d = 2; d < yt.shape.size(); ++d) inner *= yt.shape[d];
+  if (train) {
+    const double m = attr_double(attrs, "momentum", 0.9);
+    const double count = static_cast<double>(batch * inner);
+    for (int64_t k = 0; k < c; ++k) {
+      double s = 0.0;
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* p = y + (b * c + k) * inner;
+        for (int64_t i = 0; i < inner; ++i) s += p[i];
+      }
+      const double mu = s / count;
+      double ss = 0.0;
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* p = y + (b * c + k) * inner;
+        for (int64_t i = 0; i < inner; ++i) {
+          const double d = p[i] - mu;
+          ss += d * d;
+        }
+      }
+      mean[k] = mean[k] * m + mu * (1.0 - m);
+      var[k] = var[k] * m + (ss / count) * (1.0 - m);
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    rm[k] = static_cast<float>(mean[k]);
+    rv[k] = static_cast<float>(var[k]);
+  }
+  return MX_SUCCESS;
+}
+MXReturnValue zero_backward(const Attrs&, std::vector<MXTensor>*, std::vector<MXTensor>* out, const OpResource&) {
+  for (auto& t : *out) {
+    const size_t bytes = t.dtype == kFloat64 ? sizeof(double) : sizeof(float);
+    std::memset(t.data_ptr, 0, bytes * t.size());
+  }
+  return MX_SUCCESS;
+}
+
+}  // namespace
+
+REGISTER_OP(dq_act_quant)
+    .setParseAttrs(act_parse)
+    .setInferType(act_type)
+    .setInferShape(act_shape)
+    .setMutateInputs(act_mutate)
+    .setForward(act_forward, "cpu")
+    .setBackward(act_backward, "cpu");
+
+REGISTER_OP(dq_weight_quant)
+    .setParseAttrs(w_parse)
+    .setInferType(w_type)
+    .setInferShape(w_shape)
+    .setForward(w_forward, "cpu")
+    .setBackward(w_backward, "cpu");
+
+REGISTER_OP(dq_bn_stats)
+    .setParseAttrs(bn_parse)
+    .setInferType(bn_type)
+    .setInferShape(bn_shape)
+    .setMutateInputs(bn_mutate)
+    .setForward(bn_forward, "cpu")
+    .setBackward(zero_backward, "cpu");
+
+MXReturnValue initialize(int version) {
+  if (version < 10900) {
+    MX_ERROR_MSG << "deployq native ops need MXNet >= 1.9 (found " << version << ")";
+    return MX_FAIL;
+  }
+  return MX_SUCCESS;
+}

@@ -1,0 +1,92 @@
+"""deployq.native: the fused operators compute what the MXNet-operator formulation computes.
+
+Forward outputs and tracked ranges are bit-identical (the operators repeat the same float32/float64 operations);
+fake-BN batch statistics are summed in float64 by the fused operator and in float32 by MXNet, so layers trained
+with fake BN agree to float32 rounding. Gradients agree to rounding (MXNet computes g * s / s through the STE).
+"""
+
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon
+
+import deployq
+import deployq.native
+
+from .test_core import small_net
+
+pytestmark = pytest.mark.skipif(not deployq.native.available(), reason="no C++ compiler: fused operators off")
+
+CASES = [
+    ("ncnn", "qat", None, True),
+    ("onnx", "qat", None, True),  # uint8 with a zero point, round half to even
+    ("tengine", "naive", None, True),  # clipped values keep their gradient
+    ("ncnn", "qat", [{"op_types": ["Conv2D", "Dense"], "fake_bn": False, "input_mode": "online"}], False),
+    ("ncnn", "qat", [{"op_types": ["Conv2D", "Dense"], "fake_bn": False, "quant_start_step": 2,
+                      "quant_bits": 4, "quant_scheme": "per_tensor_symmetric"}], False),
+    ("ncnn", "observer", None, True),
+    ("custom", "dorefa", [{"op_types": ["Conv2D", "Dense"], "fake_bn": False, "quant_dtype": {"input": "uint"}}],
+     False),
+    ("ncnn", "qat", [{"op_types": ["Conv2D", "Dense"], "quant_types": ["input", "weight", "output"],
+                      "fake_bn": False}], False),
+]
+
+
+def _train(profile, algorithm, config, native: bool):
+    net = small_net(3)
+    deployq.quantize(net, config, profile, algorithm)
+    deployq.use_native(net, native)
+    assert all(b._native() == native for b in deployq.quant_layers(net).values())
+    net.hybridize(static_alloc=True)
+    trainer = deployq.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05})
+    rng = np.random.default_rng(0)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    outs, grads = [], []
+    for _ in range(4):
+        x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+        y = mx.nd.array(rng.integers(0, 10, 8))
+        with autograd.record():
+            out = net(x)
+            loss = loss_fn(out, y)
+        loss.backward()
+        outs.append(out.asnumpy())
+        grads.append({k: p.grad().asnumpy().copy() for k, p in net._collect_params_with_prefix().items()
+                      if p.grad_req != "null" and not k.endswith("_anchor")})
+        trainer.step(8)
+    x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    states = {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()
+              if k.endswith(("input_state", "output_state"))}
+    return outs, grads, states, net(x).asnumpy()
+
+
+@pytest.mark.parametrize("profile,algorithm,config,fake_bn", CASES)
+def test_fused_operators_match_mxnet_operators(profile, algorithm, config, fake_bn):
+    a_outs, a_grads, a_states, a_inf = _train(profile, algorithm, config, True)
+    b_outs, b_grads, b_states, b_inf = _train(profile, algorithm, config, False)
+    # the first training step starts from the same weights: its outputs are bit-identical without fake BN
+    tol = 1e-5 if fake_bn else 0.0
+    np.testing.assert_allclose(a_outs[0], b_outs[0], rtol=0, atol=tol)
+    for k, g in b_grads[0].items():
+        np.testing.assert_allclose(a_grads[0][k], g, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(g).max()), err_msg=k)
+    assert a_states.keys() == b_states.keys() and a_states
+    for k, st in b_states.items():
+        np.testing.assert_allclose(a_states[k], st, rtol=1e-4, atol=1e-6, err_msg=k)
+        assert a_states[k][3] == 4  # steps seen
+    np.testing.assert_allclose(a_inf, b_inf, rtol=1e-3, atol=1e-3 * np.abs(b_inf).max())
+
+
+def test_inference_is_bit_identical_on_the_same_state():
+    """Same weights and ranges: the fused and the MXNet-operator simulation give identical outputs."""
+    net = small_net(5)
+    deployq.quantize(net, profile="ncnn")
+    x = mx.nd.random.normal(shape=(16, 3, 8, 8))
+    with autograd.record():  # one training step to initialise ranges and fake-BN statistics
+        net(x).backward()
+    ys = []
+    for native in (True, False, True):
+        deployq.use_native(net, native)
+        ys.append(net(x).asnumpy())
+    np.testing.assert_array_equal(ys[0], ys[1])
+    np.testing.assert_array_equal(ys[0], ys[2])
