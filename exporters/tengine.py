@@ -279,6 +279,24 @@ def _rename_dropped_params(g: Graph) -> None:
                 n.params[role] = new
 
 
+MIXED_PRECISION_HINT = ("Tengine int8 has no mixed precision (quant_tool_int8 quantizes every Convolution and "
+                        "FullyConnected); export all layers quantized, or use export-ncnn / export-onnx, which "
+                        "keep those layers in fp32")
+
+
+def refuse_mixed_precision(g: Graph, fp32_layers: Iterable[str] = ()) -> None:
+    """Raise when a quantized net (nodes carrying ``quant_layer``) keeps some Conv/FC in fp32 (excluded, or
+    without weight or input quantization), or when ``fp32_layers`` (a scale file's unquantized layers) is
+    not empty: Tengine would quantize them anyway."""
+    weighted = [n for n in g.nodes if n.op in ("Convolution", "FullyConnected")]
+    fp32 = list(fp32_layers)
+    if any("quant_layer" in n.attrs for n in g.nodes):
+        fp32 += [n.name for n in weighted if n.attrs.get("wq") is None or n.attrs.get("iq") is None]
+    if fp32:
+        raise TengineExportError(f"{g.name}: layers kept in fp32: {', '.join(sorted(set(fp32)))}; "
+                                 f"{MIXED_PRECISION_HINT}")
+
+
 def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
     """The graph Tengine will run: Dropout dropped, BN folded, activations marked, softmax variants renamed,
     Conv/FC weights on the per-channel int8 grid.
@@ -291,6 +309,7 @@ def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
     _rewrite_softmax(g, tensor_shapes(g))
     _rename_dropped_params(g)
     codes = dict(codes or {})
+    refuse_mixed_precision(g)
     for n in g.nodes:
         if n.op not in ("Convolution", "FullyConnected"):
             continue

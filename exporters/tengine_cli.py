@@ -15,7 +15,7 @@ from .annotate import annotate, graph_fingerprint, load_scale_file
 from .frontend import from_files, from_gluon
 from .ir import Graph
 from .passes import optimize
-from .tengine import lower_model
+from .tengine import lower_model, refuse_mixed_precision
 from .tengine_writer import write
 
 CALIB_BATCH = 128
@@ -35,6 +35,8 @@ def export_tengine(graph: Graph, out_dir: str | Path, name: str | None = None,
     """Annotate ``graph`` with ``scales`` (they win), calibrate the other tensors on ``calib``, lower and
     write. Returns the written paths and the warnings."""
     if scales is not None:
+        layers = scales.get("layers") or {}
+        refuse_mixed_precision(graph, [k for k, v in layers.items() if not v.get("quantized", True)])
         graph = annotate(graph, scales, where=scales_where, fingerprint=graph_fingerprint(graph))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
