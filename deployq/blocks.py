@@ -31,7 +31,7 @@ from mxnet.gluon import nn
 
 from . import native
 from .config import LayerConfig
-from .fakequant import fake_quantize, grad_scale, scale_from_threshold
+from .fakequant import fake_quantize, grad_scale, round_half_even, scale_from_threshold
 from .profiles import Profile, TensorGrid
 
 ALGORITHMS = ("naive", "qat", "dorefa", "lsq", "bnn", "observer")
@@ -199,6 +199,7 @@ class _QuantMixin:
             return x, steps, is_train
         if self.layer_config.input_mode == "online":
             lo, hi = F.BlockGrad(bl), F.BlockGrad(bh)
+        self._dq_range = (lo, hi)  # the range this forward quantizes with (int32 bias grid)
         prof = self.profile
         if self.algorithm == "bnn":
             c = F.clip(x, -1.0, 1.0)
@@ -290,6 +291,35 @@ class _QuantMixin:
         b = p["bn_beta"] + (0 - rm if bias is None else bias - rm) * k
         return w, b
 
+    # ------------------------------------------------------------------ int32 bias (profile "bias": "int32")
+    def _int32_bias(self) -> bool:
+        cfg = self.layer_config
+        return (getattr(self.profile, "bias", "float") == "int32" and cfg.input is not None
+                and cfg.weight is not None and self.algorithm not in ("lsq", "bnn"))
+
+    def _round_bias(self, F, b, w, lo, hi, gate=None):
+        """The bias on the grid ``input_step * weight_step[c]`` (round half to even in float32), as an engine
+        that adds int32 bias codes to its accumulator computes it (onnxruntime's QLinearConv); the gradient
+        passes straight through. ``lo``/``hi``: the input range this forward quantizes with; ``gate`` (1,): 0
+        where the layer computes in fp32 (before ``quant_start_step``, an observer in training)."""
+        gi, gw = self.layer_config.input, self.layer_config.weight
+        if gi.symmetric:
+            thr = F.maximum(F.abs(lo), F.abs(hi)) if gi.signed else F.relu(hi)
+            x_step = F.where(thr > 0, thr, F.ones_like(thr)) / gi.qmax
+        else:
+            span = F.maximum(hi, F.zeros_like(hi)) - F.minimum(lo, F.zeros_like(lo))
+            x_step = F.where(span > 0, span, F.ones_like(span)) / (gi.qmax - gi.qmin)
+        ndim = 4 if isinstance(self, QuantConv2D) else 2
+        amax = F.reshape(F.BlockGrad(_reduce_absmax(F, w, gw.granularity, self._groups, self._out_channels, ndim)),
+                         (-1,))
+        if gw.granularity == "layer":
+            amax = F.broadcast_like(amax, b)
+        w_step = F.where(amax > 0, amax / gw.qmax, F.ones_like(amax))  # a dead channel: codes 0, step 1
+        grid = F.BlockGrad(F.broadcast_mul(w_step, x_step))
+        q = round_half_even(F, F.broadcast_div(b, grid))
+        delta = F.BlockGrad(F.broadcast_mul(q, grid) - b)
+        return b + (delta if gate is None else F.broadcast_mul(gate, delta))
+
     # ------------------------------------------------------------------ fused operators (deployq.native)
     @property
     def use_native(self) -> bool | None:
@@ -321,6 +351,8 @@ class _QuantMixin:
                                  online=int(self.layer_config.input_mode == "online"),
                                  mask_clipped=int(self.algorithm != "naive"),
                                  start_step=self.layer_config.quant_start_step, **kw)
+        used = F.BlockGrad(used)  # read-only bookkeeping: no gradient flows into it
+        self._dq_range = (F.slice_axis(used, axis=0, begin=0, end=1), F.slice_axis(used, axis=0, begin=1, end=2))
         return y, F.slice_axis(used, axis=0, begin=3, end=4)
 
     def _native_weight(self, F, w, gate):
@@ -349,6 +381,8 @@ class _QuantMixin:
         else:
             w, b = weight, bias
         wq = self._native_weight(F, w, gate) if cfg.weight is not None else w
+        if b is not None and self._int32_bias():
+            b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
         out = self._layer(F, xq, wq, b)
         if self.act is not None:
             out = self.act(out)
@@ -385,6 +419,11 @@ class _QuantMixin:
         if self.algorithm == "observer":
             wq = wq + F.broadcast_mul(is_train, w - wq)
         wq = F.broadcast_add(wq, F.add_n(*self._pins))  # adds 0; keeps the state updates on the gradient path
+        if b is not None and self._int32_bias():
+            gate = None if active is None else active
+            if self.algorithm == "observer":
+                gate = 1 - is_train if gate is None else F.broadcast_mul(gate, 1 - is_train)
+            b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
         out = self._layer(F, xq, wq, b)
         if self.act is not None:
             out = self.act(out)

@@ -4,8 +4,10 @@ Run it on an optimized graph (BN folded) with ``attach_qnet``/``attach_scales`` 
 with ``attrs["wq"]`` gets its int8 codes as an int8 initializer and a per-channel ``DequantizeLinear``
 (axis 0, ``scale = step``, zero point 0); every node with ``attrs["iq"]`` gets ``QuantizeLinear`` +
 ``DequantizeLinear`` on its input (uint8 with ``zero_point`` for affine grids, int8 with zero point 0 for
-symmetric signed ones). Nodes without records stay fp32, and ``quantize=False`` gives the plain fp32 model
-from the same code path.
+symmetric signed ones). Biases stay fp32, or with ``int32_bias`` (the profile's ``"bias": "int32"``) become int32
+codes on ``input_step * weight_step[c]`` with their own ``DequantizeLinear``: what onnxruntime's fused
+QLinearConv/QGemm add (its default optimizations quantize a float bias that way themselves). Nodes without
+records stay fp32, and ``quantize=False`` gives the plain fp32 model from the same code path.
 
 Lowering is a registry (:data:`HANDLERS`, op -> function). Handlers *declare* what they need from the
 emitter (``ctx.act_input``, ``ctx.weight``, ``ctx.const``) and the emitter writes the nodes.
@@ -32,8 +34,8 @@ class OnnxContext:
     """The model under construction: nodes, initializers and the QDQ pairs already emitted (shared per
     tensor and grid so that two layers reading one tensor on one grid share one QuantizeLinear)."""
 
-    def __init__(self, g: Graph, quantize: bool) -> None:
-        self.g, self.quantize = g, quantize
+    def __init__(self, g: Graph, quantize: bool, int32_bias: bool = False) -> None:
+        self.g, self.quantize, self.int32_bias = g, quantize, int32_bias
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self._qdq: dict[tuple[str, float, int, bool], str] = {}
@@ -78,7 +80,7 @@ class OnnxContext:
         if wq.qmin < -128 or wq.qmax > 127:
             raise ValueError(f"node {node.name}: weight grid [{wq.qmin}, {wq.qmax}] does not fit int8")
         codes = self.const(f"{key}.codes", wq.codes.astype(np.int8).reshape(self.g.params[key].shape))
-        step = np.where(wq.step > 0, wq.step, 1.0).astype(np.float32)  # a dead channel: codes are 0
+        step = weight_dq_step(wq)
         scale = self.const(f"{key}.step", step)
         zp = self.const(f"{key}.zero_point", np.zeros(len(step), np.int8))
         out = f"{key}.dq"
@@ -87,8 +89,37 @@ class OnnxContext:
         return out
 
     def bias(self, node: Node) -> list[str]:
+        """The bias input of ``node``: fp32, or (``int32_bias`` and a quantized input and weight) int32 codes
+        + per-channel ``DequantizeLinear`` on the grid ``input_step * weight_step[c]``, the grid onnxruntime's
+        QLinearConv/QGemm add it on; the codes are ``round_half_even(b / grid)`` in float32, as onnxruntime's
+        own BiasQuantization computes them, so the unfused and the fused kernels add the same bias."""
         key = node.params.get("bias")
-        return [] if key is None else [self.const(key, self.g.params[key])]
+        if key is None:
+            return []
+        b = self.g.params[key]
+        iq: InputQuant | None = node.attrs.get("iq")
+        wq: WeightQuant | None = node.attrs.get("wq")
+        if not (self.quantize and self.int32_bias and iq is not None and wq is not None):
+            return [self.const(key, b)]
+        grid = bias_grid(iq, wq)
+        codes = np.rint(b.astype(np.float32) / grid)
+        if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
+            raise ValueError(f"node {node.name}: bias does not fit int32 on the grid input_step * weight_step")
+        ins = [self.const(f"{key}.codes", codes.astype(np.int32)), self.const(f"{key}.step", grid),
+               self.const(f"{key}.zero_point", np.zeros(len(grid), np.int32))]
+        out = f"{key}.dq"
+        self.emit("DequantizeLinear", ins, [out], name=f"{node.name}.bias.DequantizeLinear", axis=0)
+        return [out]
+
+
+def weight_dq_step(wq: WeightQuant) -> np.ndarray:
+    """The per-channel scale of a weight's DequantizeLinear (1 for a dead channel, whose codes are 0)."""
+    return np.where(wq.step > 0, wq.step, 1.0).astype(np.float32)
+
+
+def bias_grid(iq: InputQuant, wq: WeightQuant) -> np.ndarray:
+    """The int32 bias grid of a quantized Conv/Gemm, ``float32(input_step) * weight_dq_step`` in float32."""
+    return (np.float32(iq.step) * weight_dq_step(wq)).astype(np.float32)
 
 
 Handler = Callable[[OnnxContext, Node], None]
@@ -220,7 +251,8 @@ def _softmax_act(ctx: OnnxContext, n: Node) -> None:
         ctx.emit("Softmax", [flat], [n.output], name=n.name, axis=1)
 
 
-def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str = "deployq") -> onnx.ModelProto:
+def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str = "deployq",
+            int32_bias: bool = False) -> onnx.ModelProto:
     """The ONNX model of ``g`` (run ``passes.optimize`` first; quantization records from ``qattach``).
 
     The input keeps ``g.input_shape`` except a dynamic batch dimension ``N``; initializers are not graph
@@ -228,7 +260,7 @@ def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str =
     """
     if opset < 13:
         raise ValueError(f"opset {opset}: deployq writes opset 13+ (per-channel DequantizeLinear needs 13)")
-    ctx = OnnxContext(g, quantize)
+    ctx = OnnxContext(g, quantize, int32_bias)
     for n in g.nodes:
         fn = HANDLERS.get(n.op)
         if fn is None:
@@ -264,11 +296,14 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 
 def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
-                input_shape: tuple[int, ...] = (1, 3, 32, 32), fp32: bool = True) -> dict[str, Path]:
+                input_shape: tuple[int, ...] = (1, 3, 32, 32), fp32: bool = True,
+                int32_bias: bool | None = None) -> dict[str, Path]:
     """Export a deployq-quantized Gluon net to ``out_dir``: ``model.onnx`` (QDQ), ``model.fp32.onnx``,
     ``scales.json``, the saved quantized net ``qnet.params``/``qnet.deployq.json`` and the manifest.
 
-    Layers the config list keeps in fp32 get no QDQ. Re-running gives byte-identical files.
+    Layers the config list keeps in fp32 get no QDQ. ``int32_bias`` (default: the net's profile says
+    ``"bias": "int32"``) writes the biases of quantized layers as int32 codes (see ``OnnxContext.bias``).
+    Re-running gives byte-identical files.
     """
     import json
 
@@ -279,22 +314,25 @@ def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
     from .passes import optimize
     from .qattach import attach_qnet
 
-    if not deployq.quant_layers(qnet):
+    layers = deployq.quant_layers(qnet)
+    if not layers:
         raise ValueError("export_qnet needs a deployq-quantized net (deployq.quantize(net, profile='onnx'))")
+    if int32_bias is None:
+        int32_bias = any(getattr(blk.profile, "bias", "float") == "int32" for blk in layers.values())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = optimize(from_gluon(qnet, input_shape, name=model_name))
     gq = attach_qnet(g, qnet)
     files = {"model": "model.onnx", "scales": "scales.json", "qnet": "qnet"}
-    save_onnx(to_onnx(gq, quantize=True), out / files["model"])
+    save_onnx(to_onnx(gq, quantize=True, int32_bias=int32_bias), out / files["model"])
     if fp32:
         files["fp32"] = "model.fp32.onnx"
         save_onnx(to_onnx(g, quantize=False), out / files["fp32"])
     scales = deployq.export_scales(qnet, model_name)
     write_atomic(out / files["scales"], (json.dumps(scales, indent=2, sort_keys=True) + "\n").encode())
     deployq.save(qnet, out / files["qnet"], model_name, input_shape)
-    layers = {path: path for path in deployq.quant_layers(qnet)}  # runtime tensor of each layer's output
-    write_manifest(out, "onnxruntime", model_name, input_shape, files, layers,
+    tensors = {path: path for path in layers}  # runtime tensor of each layer's output
+    write_manifest(out, "onnxruntime", model_name, input_shape, files, tensors,
                    f"deployq {deployq.__version__} export-onnx", profile=getattr(qnet, "_deployq", {}).get("profile"),
                    outputs=list(g.outputs))
     return {k: out / v for k, v in files.items()}

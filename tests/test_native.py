@@ -74,13 +74,15 @@ def test_fused_operators_match_mxnet_operators(profile, algorithm, config, fake_
     for k, st in b_states.items():
         np.testing.assert_allclose(a_states[k], st, rtol=1e-4, atol=1e-6, err_msg=k)
         assert a_states[k][3] == 4  # steps seen
-    np.testing.assert_allclose(a_inf, b_inf, rtol=1e-3, atol=1e-3 * np.abs(b_inf).max())
+    # after 4 steps: fake-BN statistics differ in float32 rounding, which can move a code (or an int32 bias code)
+    np.testing.assert_allclose(a_inf, b_inf, rtol=1e-3, atol=(1e-2 if fake_bn else 1e-3) * np.abs(b_inf).max())
 
 
-def test_inference_is_bit_identical_on_the_same_state():
+@pytest.mark.parametrize("profile", ["ncnn", "onnx", "tengine"])
+def test_inference_is_bit_identical_on_the_same_state(profile):
     """Same weights and ranges: the fused and the MXNet-operator simulation give identical outputs."""
     net = small_net(5)
-    deployq.quantize(net, profile="ncnn")
+    deployq.quantize(net, profile=profile)
     x = mx.nd.random.normal(shape=(16, 3, 8, 8))
     with autograd.record():  # one training step to initialise ranges and fake-BN statistics
         net(x).backward()

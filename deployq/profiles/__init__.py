@@ -9,6 +9,10 @@ from typing import Any
 
 GRANULARITIES = ("layer", "group", "channel")
 ROUNDINGS = ("half_away_from_zero", "half_to_even")
+#: how the engine adds a quantized layer's bias: ``float`` (to the dequantized accumulator) or ``int32``
+#: (codes on the grid ``input_step * weight_step[c]``, round half to even, added to the int32 accumulator:
+#: onnxruntime's QLinearConv/QGemm, TFLite)
+BIAS_MODES = ("float", "int32")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Profile:
     ``scale_convention`` says how the engine stores a scale: ``multiplier`` (ncnn: q = round(x * scale),
     scale = qmax / threshold) or ``step`` (Tengine, ONNX, MXNet: q = round(x / scale), scale = threshold / qmax).
     The simulation uses the same operation, so training and deployment round identically.
+
+    ``bias`` (one of :data:`BIAS_MODES`) says whether the engine adds a quantized layer's bias in float or as
+    int32 codes on the grid ``input_step * weight_step[c]``; exporters write it that way.
     """
 
     name: str
@@ -54,6 +61,7 @@ class Profile:
     max_bits: int = 8
     quantize_points: str = "layer_inputs"
     winograd_3x3: str = "ignore"
+    bias: str = "float"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_options(self, **changes: Any) -> Profile:
@@ -82,4 +90,6 @@ def load_profile(profile: str | Profile) -> Profile:
     w, a = _grid(d.pop("weight"), "channel"), _grid(d.pop("activation"))
     if d["rounding"] not in ROUNDINGS:
         raise ValueError(f"profile {profile}: rounding must be one of {ROUNDINGS}")
+    if d.get("bias", "float") not in BIAS_MODES:
+        raise ValueError(f"profile {profile}: bias must be one of {BIAS_MODES}")
     return Profile(weight=w, activation=a, **d)

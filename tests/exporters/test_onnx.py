@@ -52,7 +52,7 @@ def test_structure(exported):
     w_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("weight.DequantizeLinear")]
     assert len(w_dq) == n_layers
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
-    codes = [v for k, v in inits.items() if k.endswith(".codes")]
+    codes = [v for k, v in inits.items() if k.endswith(".codes") and ".bias" not in k]
     assert all(c.dtype == np.int8 and np.abs(c).max() <= 127 for c in codes)
     zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear"]
     assert zps and all(z.dtype == np.uint8 for z in zps)
@@ -77,12 +77,38 @@ def test_qdq_parity_with_simulation(exported):
     assert np.abs(y - sim).max() <= step, f"{name}: max error {np.abs(y - sim).max() / step:.3f} output steps"
 
 
-def test_qdq_default_optimizations_close(exported):
-    """ORT's default optimizations fuse QDQ into QLinearConv (U8S8 integer kernels): close, not exact."""
+def test_qdq_default_optimizations_match_simulation(exported):
+    """ORT's default optimizations fuse QDQ into QLinearConv (U8S8 integer kernels), which add the bias as int32
+    codes on the grid input_step * weight_step; the `onnx` profile (bias: int32) simulates exactly that and the
+    export writes those codes, so the optimized session agrees with the simulation as the unoptimized one does."""
     name, qnet, files, x, sim, _ = exported
+    assert deployq.load_profile("onnx").bias == "int32"
     y = session(files["model"], optimize=True).run(None, {"data": x})[0]
-    assert (y.argmax(1) == sim.argmax(1)).mean() >= 0.98
-    assert np.abs(y - sim).mean() / output_step(qnet) < 0.5
+    assert (y.argmax(1) == sim.argmax(1)).mean() == 1.0
+    assert np.abs(y - sim).max() <= output_step(qnet), f"{name}: max {np.abs(y - sim).max() / output_step(qnet)}"
+    assert np.abs(y - sim).mean() / output_step(qnet) < 0.01
+
+
+def test_int32_bias_same_in_both_ort_modes(exported, tmp_path):
+    """int32_bias: int32 codes + DequantizeLinear on input_step * weight_step, so that the unoptimized session and
+    the fused QLinearConv kernels add the same bias and agree with each other."""
+    name, qnet, _, x, *_ = exported
+    files = export_qnet(qnet, tmp_path, name, fp32=False, int32_bias=True)
+    m = onnx.load(str(files["model"]))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    b_dq = [n for n in m.graph.node if n.name.endswith(".bias.DequantizeLinear")]
+    assert len(b_dq) == len(deployq.quant_layers(qnet))
+    for n in b_dq:
+        conv = next(c for c in m.graph.node if n.output[0] in c.input)
+        x_dq = next(d for d in m.graph.node if d.output[0] == conv.input[0])
+        w_dq = next(d for d in m.graph.node if d.output[0] == conv.input[1])
+        codes, grid = inits[n.input[0]], inits[n.input[1]]
+        assert codes.dtype == np.int32 and inits[n.input[2]].dtype == np.int32 and not inits[n.input[2]].any()
+        np.testing.assert_array_equal(grid, np.float32(inits[x_dq.input[1]]) * inits[w_dq.input[1]])
+    y0 = session(files["model"]).run(None, {"data": x})[0]
+    y1 = session(files["model"], optimize=True).run(None, {"data": x})[0]
+    assert (y0.argmax(1) == y1.argmax(1)).mean() == 1.0
+    assert np.abs(y0 - y1).max() <= output_step(qnet)
 
 
 def test_byte_identical_rerun(exported, tmp_path):
