@@ -12,17 +12,24 @@ SCHEMA, VERSION = "deployq.export", 1
 ENGINES = ("onnxruntime", "ncnn", "tengine", "mxnet")
 
 
-def write_manifest(out_dir: str | os.PathLike, engine: str, model: str, input_shape: tuple[int, ...],
-                   files: dict[str, str], layers: dict[str, str], producer: str, **extra: Any) -> Path:
-    """Write ``out_dir/deployq-export.json`` atomically (sorted keys: byte-identical re-runs)."""
+def manifest_bytes(engine: str, model: str, input_shape: tuple[int, ...], files: dict[str, str],
+                   layers: dict[str, str], producer: str, **extra: Any) -> bytes:
+    """The manifest's bytes (sorted keys: byte-identical re-runs), for exporters that write all files at once."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
     doc = {"schema": SCHEMA, "version": VERSION, "engine": engine, "model": model,
            "input": {"name": "data", "shape": list(input_shape), "dtype": "float32"},
            "files": files, "layers": layers, "producer": producer, **extra}
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_manifest(out_dir: str | os.PathLike, engine: str, model: str, input_shape: tuple[int, ...],
+                   files: dict[str, str], layers: dict[str, str], producer: str, **extra: Any) -> Path:
+    """Write ``out_dir/deployq-export.json`` atomically (sorted keys: byte-identical re-runs)."""
+    data = manifest_bytes(engine, model, input_shape, files, layers, producer, **extra)
     path = Path(out_dir) / MANIFEST
     tmp = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
 

@@ -1,9 +1,13 @@
 """Run an export in its real runtime and compare it with deployq's simulation and with fp32.
 
 Metrics: top-1 agreement (runtime vs simulation, runtime vs fp32), max/mean absolute output error in output
-steps (one step = ``max|y_sim| / 127``, the step of an int8 symmetric grid over the simulated logits), and per
-quantized layer the cosine similarity and SQNR (dB) of the runtime's layer output against the simulation's
-(and SQNR against fp32).
+steps (:func:`deployq.layerwise.output_step`: one input step on every input of the last quantized layer), and
+per quantized layer the cosine similarity and SQNR (dB) of the runtime's layer output against the simulation's
+(and SQNR against fp32). ncnn's blobs hold the fused layer's output (after the activation, int8 codes under
+requantize fusion): see :func:`verify` for how they are compared exactly.
+
+The simulation comes from the saved quantized net (``files.qnet``) or, for an export from MXNet json/params
+files, is rebuilt from those files and the scale file (:func:`reference`).
 """
 
 from __future__ import annotations
@@ -103,16 +107,38 @@ def run_onnxruntime(man: dict[str, Any], x: np.ndarray, layers: list[str], optim
     return outs[0], dict(zip(layers, outs[1:], strict=True))
 
 
+#: manifest ``files`` each runner needs (``mxnet`` re-runs the records of the saved quantized net)
+REQUIRED_FILES = {"onnxruntime": ("model",), "ncnn": ("param", "bin"), "mxnet": ("qnet",)}
+
+
+def check_engine(man: dict[str, Any], engine: str, where: str | Path) -> None:
+    """A clear error when the export has no model for ``engine`` (an ONNX export run with --engine ncnn)."""
+    missing = [k for k in REQUIRED_FILES.get(engine, ()) if k not in man["paths"]]
+    if not missing:
+        return
+    written = man.get("engine")
+    if engine == "mxnet":
+        raise ValueError(f"{where}: --engine mxnet re-runs the records of the saved quantized net, and this export "
+                         f"has none (files.qnet; an export from MXNet json/params files): its simulation is already "
+                         f"computed on MXNet ops from the files; use --engine {written}")
+    hint = f"; use --engine {written}" if written and written != engine else ""
+    raise ValueError(f"{where}: this export was written for {written}; its manifest has no {engine} model "
+                     f"(files: {', '.join(missing)}){hint}")
+
+
 @runner("ncnn")
 def run_ncnn(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The int8 ``.param``/``.bin`` (manifest files ``param``/``bin``) in the ncnn Python binding, one image at
-    a time; layer outputs are the blobs named in the manifest's ``layers``."""
+    a time. Layer outputs are the blobs named in the manifest's ``layers`` (light mode off, so that every blob
+    is kept and in-place layers work on copies); a blob that holds int8 codes (``layer_outputs[k].int8_multiplier``:
+    requantize fusion) is dequantized, ``codes / multiplier``."""
     import ncnn
 
     net = ncnn.Net()
     net.opt.use_int8_inference = True
     net.opt.num_threads = 1
     net.opt.use_packing_layout = False  # ncnn's packed depthwise int8 path approximates 1/scale (ncnn-int8.md §6)
+    net.opt.lightmode = not layers
     for flag in ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
         setattr(net.opt, flag, False)
     if net.load_param(str(man["paths"]["param"])) != 0:
@@ -120,6 +146,7 @@ def run_ncnn(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.
     if net.load_model(str(man["paths"]["bin"])) != 0:
         raise ValueError(f"ncnn cannot read {man['paths']['bin']}")
     out_blob = man.get("outputs", ["output"])[0]
+    info = man.get("layer_outputs", {})
     ys, per = [], {k: [] for k in layers}
     for img in x:
         ex = net.create_extractor()
@@ -129,53 +156,161 @@ def run_ncnn(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.
             raise ValueError(f"ncnn: cannot extract blob {out_blob!r} (ret {ret})")
         ys.append(np.array(mat).reshape(-1))
         for k in layers:
-            _, m = ex.extract(man["layers"][k])
-            per[k].append(np.array(m))
-    return np.stack(ys), {k: np.stack(v) for k, v in per.items()}
+            ret, m = ex.extract(man["layers"][k])
+            if ret != 0:
+                raise ValueError(f"ncnn: cannot extract blob {man['layers'][k]!r} of layer {k} (ret {ret})")
+            per[k].append(np.array(m, np.float32))
+    outs = {k: np.stack(v) for k, v in per.items()}
+    for k in layers:
+        mult = (info.get(k) or {}).get("int8_multiplier")
+        if mult is not None:
+            outs[k] = (outs[k] / np.float32(mult)).astype(np.float32)
+    return np.stack(ys), outs
+
+
+def ncnn_activation(v: np.ndarray, act: list[float]) -> np.ndarray:
+    """ncnn's fused activation (``activation_type`` param 9 with params 10) in float32."""
+    t, p = int(act[0]), [np.float32(a) for a in act[1:]]
+    v = np.asarray(v, np.float32)
+    if t == 0:
+        return v
+    if t == 1:
+        return np.maximum(v, np.float32(0))
+    if t == 2:
+        return np.where(v > 0, v, v * p[0]).astype(np.float32)
+    if t == 3:
+        return np.clip(v, p[0], p[1])
+    if t == 4:
+        return (np.float32(1) / (np.float32(1) + np.exp(-v))).astype(np.float32)
+    if t == 5:
+        return (v * np.tanh(np.log1p(np.exp(v)))).astype(np.float32)
+    if t == 6:
+        return (v * np.clip(v * p[0] + p[1], 0, 1)).astype(np.float32)
+    raise ValueError(f"ncnn activation_type {t} is not supported by deployq verify")
+
+
+def ncnn_layer_reference(info: dict[str, Any] | None, y: np.ndarray, requantize: bool) -> np.ndarray:
+    """What an ncnn blob holds, computed from a layer's output ``y`` (Conv/FC, BN folded, before the
+    activation): the fused activation, then, with ``requantize`` and an int8 blob, the requantization onto the
+    top scale's grid (``float2int8(act(y) * m) / m``, exactly what the consumer's input quantizer does in the
+    simulation). The simulation is compared this way; fp32 without ``requantize``."""
+    from .fakequant import np_round_half_away
+
+    if not info:
+        return y
+    v = ncnn_activation(y, info.get("activation") or [0])
+    m = info.get("int8_multiplier")
+    if requantize and m is not None:
+        m = np.float32(m)
+        v = (np.clip(np_round_half_away(v * m), -127, 127) / m).astype(np.float32)
+    return v
+
+
+def _describe_ncnn_layer(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "layer output"
+    names = {0: "", 1: "relu", 2: "leaky relu", 3: "clip", 4: "sigmoid", 5: "mish", 6: "hardswish"}
+    act = int((info.get("activation") or [0])[0])
+    text = f"after fused {names.get(act, act)}" if act else "layer output"
+    if info.get("int8_multiplier") is not None:
+        text += f", int8 codes / {info['int8_multiplier']:.6g} vs simulation requantized on that grid"
+    return text
+
+
+def simulate_graph(g: Any, profile: Any, x: np.ndarray, layers: list[str], weight_convention: str | None = None
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The quantization records of ``g`` (``attach_qnet``/``attach_scales``: ``wq``/``iq`` per node) on plain
+    MXNet ops, computed as the deployq simulation computes under ``profile``: weights ``codes / multiplier``
+    (``multiplier`` convention, ncnn) or ``codes * step``; each quantized layer's own input fake-quantized with
+    the profile's rounding and convention (``round(x * qmax/T) / (qmax/T)`` for ncnn, ``round(x / step)`` with
+    the zero point for affine grids), only where that layer reads it (a residual Add still reads fp32); biases
+    on the int32 grid when the profile says ``bias: int32``. Returns (logits, {layer: Conv/FC output})."""
+    import mxnet as mx
+
+    from deployq.exporters.mxnet_lower import _op_symbol, run
+    from deployq.fakequant import fake_quantize
+
+    from .layerwise import no_subgraph_fusion
+
+    conv = profile.scale_convention
+    wconv = weight_convention or conv
+    g = g.copy()
+    g.params = dict(g.params)
+    for n in g.nodes:
+        wq = n.attrs.get("wq")
+        if wq is None:
+            continue
+        key = n.params["weight"]
+        shape = g.params[key].shape
+        r = (-1,) + (1,) * (wq.codes.ndim - 1)
+        if wconv == "multiplier":
+            m = wq.multiplier()
+            w = np.where(m.reshape(r) > 0, wq.codes.astype(np.float32) / np.where(m > 0, m, 1).reshape(r), 0)
+        else:
+            w = wq.codes.astype(np.float32) * wq.step.astype(np.float32).reshape(r)
+        g.params[key] = w.astype(np.float32).reshape(shape)
+        iq = n.attrs.get("iq")
+        if getattr(profile, "bias", "float") == "int32" and iq is not None and "bias" in n.params:
+            s = (np.float32(iq.step) * np.where(wq.step > 0, wq.step, 1)).astype(np.float32)
+            b = g.params[n.params["bias"]].astype(np.float32)
+            g.params[n.params["bias"]] = (np.rint(b / s) * s).astype(np.float32)
+
+    def lower_node(n: Any, xs: list[mx.sym.Symbol], ps: dict[str, mx.sym.Symbol]) -> mx.sym.Symbol | None:
+        iq = n.attrs.get("iq")
+        if iq is None:
+            return None
+        if iq.symmetric:
+            scale = iq.multiplier() if conv == "multiplier" else np.float32(iq.step)
+            xq = fake_quantize(mx.sym, xs[0], mx.sym.full((1,), float(scale)), iq.qmin, iq.qmax, None,
+                               profile.rounding, conv)
+        else:
+            zp = mx.sym.full((1,), float(iq.zero_point))
+            xq = fake_quantize(mx.sym, xs[0], mx.sym.full((1,), float(iq.step)), iq.qmin, iq.qmax, zp,
+                               profile.rounding, "step")
+        return _op_symbol(n, [xq, *xs[1:]], ps)
+
+    tensors = {k: g.node(k).output for k in layers}
+    with no_subgraph_fusion():
+        outs = run(g, x, outputs=[g.outputs[0], *tensors.values()], lower_node=lower_node)
+    return outs[g.outputs[0]], {k: outs[t] for k, t in tensors.items()}
+
+
+def graph_output_step(gq: Any) -> float:
+    """:func:`deployq.layerwise.output_step` from graph records: the last quantized layer's input step times
+    its largest weight-row L1 norm (BN-folded weights)."""
+    last = [n for n in gq.nodes if n.attrs.get("iq") is not None]
+    if not last:
+        raise ValueError("the graph has no quantized layer")
+    n = last[-1]
+    w = gq.param(n, "weight")
+    return float(n.attrs["iq"].step * np.abs(w.reshape(len(w), -1)).sum(1).max())
 
 
 @runner("mxnet")
 def run_mxnet(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The exported grids on plain MXNet ops: the IR with weights replaced by ``codes * step`` and each quantized
-    input quantized-dequantized (round half to even, zero point) — an independent check of the records."""
-    import mxnet as mx
-
+    """The exported grids on plain MXNet ops (:func:`simulate_graph` on the saved net's records under the export's
+    profile) — an independent check of the records against the Gluon simulation."""
     from deployq.exporters.frontend import from_gluon
-    from deployq.exporters.mxnet_lower import run
     from deployq.exporters.passes import optimize
     from deployq.exporters.qattach import attach_qnet
-    from deployq.fakequant import fake_quantize
 
     from .api import load
 
     qnet = load(man["paths"]["qnet"])
+    prof = _export_profile(man, qnet)
     g = attach_qnet(optimize(from_gluon(qnet, tuple(man["input"]["shape"]))), qnet)
-    grids: dict[str, Any] = {}
-    for n in g.nodes:
-        wq = n.attrs.get("wq")
-        if wq is not None:
-            shape = g.params[n.params["weight"]].shape
-            g.params[n.params["weight"]] = (wq.codes * wq.step.reshape((-1,) + (1,) * (len(shape) - 1))
-                                            ).astype(np.float32).reshape(shape)
-        iq = n.attrs.get("iq")
-        if iq is not None:
-            prev = grids.setdefault(n.inputs[0], iq)
-            if (prev.step, prev.zero_point) != (iq.step, iq.zero_point):
-                raise ValueError(f"engine mxnet: tensor {n.inputs[0]} has two input grids")
+    lsq = getattr(qnet, "_deployq", {}).get("algorithm") == "lsq"
+    return simulate_graph(g, prof, x, layers, weight_convention="step" if lsq else None)
 
-    def hook(t: str, s: mx.sym.Symbol) -> mx.sym.Symbol:
-        iq = grids.get(t)
-        if iq is None:
-            return s
-        step = mx.sym.full((1,), iq.step)
-        zp = mx.sym.full((1,), float(iq.zero_point)) if not iq.symmetric else None
-        return fake_quantize(mx.sym, s, step, iq.qmin, iq.qmax, zp, "half_to_even", "step")
 
-    from .layerwise import no_subgraph_fusion
+def _export_profile(man: dict[str, Any], qnet: Any = None) -> Any:
+    """The profile the export was made under: the manifest's, else the saved net's."""
+    from .profiles import load_profile
 
-    with no_subgraph_fusion():
-        outs = run(g, x, outputs=[g.outputs[0], *(man["layers"][k] for k in layers)], hook=hook)
-    return outs[g.outputs[0]], {k: outs[man["layers"][k]] for k in layers}
+    name = man.get("profile") or (getattr(qnet, "_deployq", None) or {}).get("profile")
+    if not name:
+        raise ValueError("the manifest names no profile (key 'profile')")
+    return load_profile(name)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -191,46 +326,89 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if d == 0 else float(a @ b / d)
 
 
-def _fp32_layers(qnet, x: np.ndarray, shape: tuple[int, ...], tensors: dict[str, str]) -> dict[str, np.ndarray]:
-    """fp32 layer outputs with BN folded (as the exported layers compute them), from the IR."""
-    from deployq.exporters.frontend import from_gluon
+@dataclass
+class Reference:
+    """What the runtime is compared with: the simulation and fp32, logits and per-layer outputs (Conv/FC
+    output, BN folded, before the activation)."""
+
+    sim: np.ndarray
+    sim_layers: dict[str, np.ndarray]
+    fp32: np.ndarray
+    fp32_layers: dict[str, np.ndarray]
+    output_step: float
+    source: str
+
+
+def _graph_layers(g: Any, x: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     from deployq.exporters.mxnet_lower import run
-    from deployq.exporters.passes import optimize
 
     from .layerwise import no_subgraph_fusion
 
-    g = optimize(from_gluon(qnet, shape))
+    tensors = {k: g.node(k).output for k in layers}
     with no_subgraph_fusion():
-        outs = run(g, x, outputs=sorted(set(tensors.values())))
-    return {k: outs[t] for k, t in tensors.items()}
+        outs = run(g, x, outputs=[g.outputs[0], *tensors.values()])
+    return outs[g.outputs[0]], {k: outs[t] for k, t in tensors.items()}
+
+
+def reference(man: dict[str, Any], x: np.ndarray, layers: list[str], where: str | Path = "") -> Reference:
+    """From the saved quantized net (the Gluon simulation), or, for an export from MXNet json/params files
+    (manifest files ``symbol``/``params``/``scales``, no ``qnet``), rebuilt from those files: the fp32 graph and
+    the scale file's grids on MXNet ops (:func:`simulate_graph`), as ``export-ncnn --symbol`` quantized them."""
+    from deployq.exporters.frontend import from_gluon
+    from deployq.exporters.passes import optimize
+
+    shape = tuple(man["input"]["shape"])
+    paths = man["paths"]
+    if "qnet" in paths:
+        from .api import load
+        from .layerwise import output_step, run_layers
+
+        qnet = load(paths["qnet"])
+        sim, sim_l = run_layers(qnet, x, layers)
+        f32, _ = run_layers(qnet, x, layers, fp32=True)
+        _, f32_l = _graph_layers(optimize(from_gluon(qnet, shape)), x, layers)
+        return Reference(sim, sim_l, f32, f32_l, output_step(qnet) or 1.0, "saved quantized net")
+    if all(k in paths for k in ("symbol", "params", "scales")):
+        from deployq.exporters.annotate import load_scale_file
+        from deployq.exporters.frontend import from_files
+        from deployq.exporters.qattach import attach_scales
+
+        prof = _export_profile(man)
+        g = optimize(from_files(paths["symbol"], paths["params"], shape))
+        gq = attach_scales(g, load_scale_file(paths["scales"]), prof)
+        sim, sim_l = simulate_graph(gq, prof, x, layers)
+        f32, f32_l = _graph_layers(g, x, layers)
+        return Reference(sim, sim_l, f32, f32_l, graph_output_step(gq), "MXNet files + scale file")
+    raise ValueError(f"{where}: the manifest names no saved quantized net (files.qnet) and no MXNet model "
+                     "(files.symbol/params/scales): nothing to rebuild the simulation from")
 
 
 def verify(export_dir: str | Path, engine: str | None = None, data: str = "builtin", limit: int | None = 1000,
            thresholds: Thresholds = Thresholds(), layers: bool = True, **runner_kw: Any) -> dict[str, Any]:
-    """Run the export and compare; returns a JSON-able report with ``passed`` and ``breaches``."""
-    from .api import load
-    from .layerwise import output_step, run_layers
+    """Run the export and compare; returns a JSON-able report with ``passed`` and ``breaches``.
 
+    Per layer, the runtime's layer output is compared with the simulation's and fp32's. For ncnn, whose blobs
+    hold what the fused layer emits, the references are transformed the same way (:func:`ncnn_layer_reference`:
+    the fused activation; on an int8 blob — requantize fusion — the runtime's codes are dequantized with the top
+    scale and compared with the simulation requantized on that grid). Both are exact up to float summation
+    order, so that the cosine and SQNR measure the runtime, not the comparison."""
     man = read_manifest(export_dir)
     engine = engine or man["engine"]
     if engine not in RUNNERS:
         raise ValueError(f"unknown engine {engine!r}; supported: {', '.join(RUNNERS)}")
-    if "qnet" not in man["paths"]:
-        raise ValueError(f"{export_dir}: the manifest names no saved quantized net (files.qnet)")
+    check_engine(man, engine, export_dir)
     shape = tuple(man["input"]["shape"])
     x, y = load_data(data, shape, limit)
-    qnet = load(man["paths"]["qnet"])
     names = [k for k in man.get("layers", {})] if layers else []
-    sim, sim_l = run_layers(qnet, x, names)
-    f32, _ = run_layers(qnet, x, names, fp32=True)
-    f32_l = _fp32_layers(qnet, x, shape, {k: man["layers"][k] for k in names})
+    ref = reference(man, x, names, export_dir)
+    sim, f32 = ref.sim, ref.fp32
     out, out_l = RUNNERS[engine](man, x, names, **runner_kw)
     out = out.reshape(sim.shape)
-    step = output_step(qnet) or 1.0
+    step = ref.output_step
     err = np.abs(out - sim) / step
     rep: dict[str, Any] = {
         "engine": engine, "export_dir": str(export_dir), "model": man.get("model"), "images": int(len(x)),
-        "output_step": step,
+        "reference": ref.source, "output_step": step,
         "agreement_sim": float((out.argmax(1) == sim.argmax(1)).mean()),
         "agreement_fp32": float((out.argmax(1) == f32.argmax(1)).mean()),
         "max_error_steps": float(err.max()), "mean_error_steps": float(err.mean()),
@@ -239,10 +417,18 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str = "built
     if y is not None:
         rep["accuracy"] = {"runtime": float((out.argmax(1) == y).mean()), "sim": float((sim.argmax(1) == y).mean()),
                            "fp32": float((f32.argmax(1) == y).mean())}
-    rep["layers"] = [{"layer": k, "cosine_sim": cosine(sim_l[k], out_l[k].reshape(sim_l[k].shape)),
-                      "sqnr_sim_db": sqnr_db(sim_l[k], out_l[k].reshape(sim_l[k].shape)),
-                      "sqnr_fp32_db": sqnr_db(f32_l[k], out_l[k].reshape(f32_l[k].shape))}
-                     for k in names if k in sim_l]
+    info = man.get("layer_outputs", {}) if engine == "ncnn" else {}
+    rep["layers"] = []
+    for k in names:
+        if k not in ref.sim_layers or k not in out_l:
+            continue
+        s = ncnn_layer_reference(info.get(k), ref.sim_layers[k], True) if engine == "ncnn" else ref.sim_layers[k]
+        f = ncnn_layer_reference(info.get(k), ref.fp32_layers[k], False) if engine == "ncnn" else ref.fp32_layers[k]
+        o = out_l[k].reshape(s.shape)
+        row = {"layer": k, "cosine_sim": cosine(s, o), "sqnr_sim_db": sqnr_db(s, o), "sqnr_fp32_db": sqnr_db(f, o)}
+        if engine == "ncnn":
+            row["blob"], row["compared"] = man["layers"][k], _describe_ncnn_layer(info.get(k))
+        rep["layers"].append(row)
     t = thresholds
     breaches = []
     if rep["agreement_sim"] < t.min_agreement:
@@ -260,7 +446,8 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str = "built
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    lines = [f"{rep['engine']} vs simulation on {rep['images']} images ({rep['model']}):",
+    lines = [f"{rep['engine']} vs simulation on {rep['images']} images ({rep['model']}; simulation from the "
+             f"{rep.get('reference', 'saved quantized net')}):",
              f"  top-1 agreement {rep['agreement_sim']:.4f} (vs fp32 {rep['agreement_fp32']:.4f})",
              f"  output error: max {rep['max_error_steps']:.3f}, mean {rep['mean_error_steps']:.4f} steps "
              f"(step {rep['output_step']:.4g}: one input step on every input of the last layer)"]
@@ -271,6 +458,6 @@ def format_report(rep: dict[str, Any]) -> str:
         w = max(len(r["layer"]) for r in rep["layers"])
         lines.append(f"  {'layer'.ljust(w)}  cosine    SQNR/sim dB  SQNR/fp32 dB")
         lines += [f"  {r['layer'].ljust(w)}  {r['cosine_sim']:.6f}  {r['sqnr_sim_db']:11.1f}  {r['sqnr_fp32_db']:12.1f}"
-                  for r in rep["layers"]]
+                  + (f"  {r['blob']}: {r['compared']}" if "blob" in r else "") for r in rep["layers"]]
     lines.append("PASSED" if rep["passed"] else "FAILED: " + "; ".join(rep["breaches"]))
     return "\n".join(lines)

@@ -3,6 +3,12 @@
 Layer names are the IR node names, so caffe2ncnn's ncnn layers carry the names the ncnn scale table uses.
 Activations whose input has no other use work in place (Caffe style; caffe2ncnn renames their tops).
 Pooling: Caffe rounds output sizes up; a pooling whose MXNet size or windows would differ is refused.
+
+Squeeze-excitation (as the ncnn lowering): a 1x1 convolution on a globally pooled tensor is an ``InnerProduct``
+(output (N, C), a 1-D blob in ncnn, like the direct model's InnerProduct); ``broadcast_mul(x, s)`` of a 4-D
+tensor by such a per-channel vector is a Caffe ``Scale`` with two bottoms and ``axis: 0`` (bottom[1] (N, C)
+matches the first two axes of bottom[0]); caffe2ncnn writes it as ncnn ``Scale`` with ``0=-233`` (scale from the
+second blob, one value per channel). A 4-D vector operand (N, C, 1, 1) is flattened first.
 """
 
 from __future__ import annotations
@@ -81,6 +87,8 @@ def to_caffe(g: Graph) -> pb.NetParameter:
     inp = net.layer.add(name=g.input_name, type="Input", top=[g.input_name])
     inp.input_param.shape.add().dim.extend(g.input_shape)
     blob_of = {g.input_name: g.input_name}
+    vectors: set[str] = set()  # per-channel vectors: globally pooled tensors and what is computed from them
+    rank2: set[str] = set()  # tensors that are (N, C) in Caffe (InnerProduct, Flatten outputs)
 
     def single_use(t: str) -> bool:
         return g.n_uses(t) == 1
@@ -89,7 +97,46 @@ def to_caffe(g: Graph) -> pb.NetParameter:
         xs = [blob_of[t] for t in node.inputs]
         top = node.output
         kind = activation_kind(node) if node.op in ("Activation", "clip", "LeakyReLU") else None
-        if node.op == "Convolution":
+        on_vector = node.op != "broadcast_mul" and any(t in vectors for t in node.inputs)
+        if on_vector or node.op in ("FullyConnected", "Flatten") or (node.op == "Pooling"
+                                                                     and node.attrs["global_pool"]):
+            vectors.add(node.output)
+        if node.op in ("FullyConnected", "Flatten") or (on_vector and node.op == "Convolution"):
+            rank2.add(node.output)
+        elif kind is not None and node.inputs[0] in rank2:
+            rank2.add(node.output)
+        if node.op == "Convolution" and on_vector:
+            a = node.attrs
+            if not (tuple(a["kernel"]) == (1, 1) and tuple(a["stride"]) == (1, 1) and not any(a["pad"])
+                    and a["num_group"] == 1):
+                raise UnsupportedOpError(f"{node.name}: Caffe exporter: a {a['kernel']} convolution on a globally "
+                                         "pooled tensor")
+            ly = net.layer.add(name=node.name, type="InnerProduct", bottom=xs, top=[top])
+            b = g.param(node, "bias")
+            ly.inner_product_param.num_output = a["num_filter"]
+            ly.inner_product_param.bias_term = b is not None
+            w = g.param(node, "weight")
+            ly.blobs.append(_blob(w.reshape(w.shape[0], -1)))
+            if b is not None:
+                ly.blobs.append(_blob(b))
+        elif node.op == "broadcast_mul":
+            xt, st = node.inputs
+            if xt in vectors and st not in vectors:
+                xt, st = st, xt
+            c = shapes[xt][1] if len(shapes[xt]) > 1 else None
+            if (st not in vectors or xt in vectors or len(shapes[xt]) != 4
+                    or tuple(shapes[st][1:]) not in ((c,), (c, 1, 1))):
+                raise UnsupportedOpError(f"{node.name}: Caffe exporter: broadcast_mul of {shapes[node.inputs[0]]} by "
+                                         f"{shapes[node.inputs[1]]} (only a 4-D tensor by a per-channel vector, "
+                                         "as in squeeze-excitation)")
+            sb = blob_of[st]
+            if st not in rank2:
+                sb = f"{node.name}_flatten"
+                net.layer.add(name=sb, type="Flatten", bottom=[blob_of[st]], top=[sb])
+            ly = net.layer.add(name=node.name, type="Scale", bottom=[blob_of[xt], sb], top=[top])
+            ly.scale_param.axis = 0
+            ly.scale_param.bias_term = False
+        elif node.op == "Convolution":
             a = node.attrs
             ly = net.layer.add(name=node.name, type="Convolution", bottom=xs, top=[top])
             cp = ly.convolution_param

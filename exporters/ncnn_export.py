@@ -1,13 +1,18 @@
-"""``export-ncnn`` end to end: graphs -> Caffe pair, ncnn table, direct fp32/int8 ncnn models, scale file.
+"""``export-ncnn`` end to end: graphs -> Caffe pair, ncnn table, direct fp32/int8 ncnn models, scale file,
+plus what ``deployq verify`` needs (the ``deployq-export.json`` manifest and the saved quantized net, or for
+the json/params route a copy of the fp32 MXNet files).
 
-All contents are built in memory first, then written under temporary names and renamed at the end, so an
-error leaves nothing half-written.
+Every file is built in memory first (the saved net through a scratch folder outside the export), then written
+under temporary names in the export folder and renamed at the end, the manifest last; an error leaves nothing
+half-written (and no new empty folder).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +21,8 @@ import numpy as np
 from .annotate import graph_fingerprint, load_scale_file
 from .caffe import prototxt_text, to_caffe
 from .frontend import from_files, from_gluon
-from .ir import Graph, GraphError
-from .ncnn import lower, scale_table
+from .ir import Graph, GraphError, UnsupportedOpError
+from .ncnn import NcnnModel, lower, scale_table
 from .ncnn_write import bin_bytes, param_text, table_text
 from .passes import optimize
 from .qattach import attach_qnet, attach_scales
@@ -25,6 +30,15 @@ from .qattach import attach_qnet, attach_scales
 SUFFIXES = {"prototxt": ".prototxt", "caffemodel": ".caffemodel", "table": ".table",
             "fp32_param": ".param", "fp32_bin": ".bin", "int8_param": "-int8.param", "int8_bin": "-int8.bin",
             "scales": ".scales.json"}
+#: the files ``deployq verify`` needs besides SUFFIXES: the saved quantized net (``--model``/``--qnet``) or
+#: the fp32 MXNet model (``--symbol``: verify rebuilds the simulation from it and the scale file)
+QNET_SUFFIXES = {"qnet_params": "-qnet.params", "qnet_meta": "-qnet.deployq.json"}
+FILES_SUFFIXES = {"symbol": "-symbol.json", "params": "-0000.params"}
+MANIFEST_KEY = "manifest"
+
+
+class CaffeSkippedWarning(UserWarning):
+    """The graph has an op that Caffe cannot express: the Caffe pair was not written (the ncnn files were)."""
 
 
 def minmax_calibrate(qnet: Any, x: np.ndarray) -> None:
@@ -69,66 +83,140 @@ def file_graphs(symbol: str | Path, params: str | Path, scales: dict[str, Any], 
     return g, attach_scales(g, scales, "ncnn")
 
 
-def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> dict[str, bytes]:
-    """Every output file's bytes, keyed like :data:`SUFFIXES`."""
-    net = to_caffe(gq)
+def layer_outputs(int8: NcnnModel, gq: Graph) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """For ``deployq verify``: each quantized layer's ncnn blob, and how that blob relates to the layer's
+    simulated output (Conv/FC output, BN folded, before the activation): ``activation`` = ``[activation_type,
+    *activation_params]`` fused into the ncnn layer (0 = none), ``int8_multiplier`` = the top scale when the
+    blob holds int8 codes (requantize fusion: ``float2int8(act(y) * multiplier)``), else None."""
+    blobs, info = {}, {}
+    for node in gq.nodes:
+        path = node.attrs.get("quant_layer")
+        if path is None:
+            continue
+        rec = int8.layer(node.name)
+        term = int(rec.params.get(8, 0))
+        act = rec.params.get(9, 0)
+        blobs[path] = rec.tops[0]
+        info[path] = {"activation": [int(act), *(float(v) for v in rec.params.get(10, ()))] if act else [0],
+                      "int8_multiplier": float(rec.weights[-1].data[0]) if term > 100 else None}
+    return blobs, info
+
+
+def output_blobs(model: NcnnModel) -> list[str]:
+    """Blobs no layer reads, in layer order (what ncnn's ``Net.output_names()`` lists)."""
+    read = {b for ly in model.layers for b in ly.bottoms}
+    return [t for ly in model.layers for t in ly.tops if t not in read]
+
+
+def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> tuple[dict[str, bytes], NcnnModel]:
+    """Every export file's bytes keyed like :data:`SUFFIXES`, and the int8 model. The Caffe pair is left out,
+    with a :class:`CaffeSkippedWarning` naming the layer, when Caffe cannot express an op of the graph."""
     fp32, int8 = lower(g, int8=False), lower(gq, int8=True)
-    return {"prototxt": prototxt_text(net).encode(), "caffemodel": net.SerializeToString(deterministic=True),
-            "table": table_text(scale_table(gq)).encode(),
-            "fp32_param": param_text(fp32).encode(), "fp32_bin": bin_bytes(fp32),
-            "int8_param": param_text(int8).encode(), "int8_bin": bin_bytes(int8),
-            "scales": (json.dumps(scales, indent=2, sort_keys=True) + "\n").encode()}
-
-
-def write_all(contents: dict[str, bytes], out_dir: str | Path, name: str) -> dict[str, Path]:
-    """Write every file under a temporary name, then rename them all (nothing half-written on error)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    final = {k: out / f"{name}{SUFFIXES[k]}" for k in contents}
-    tmps = {k: p.with_name(f".{p.name}.tmp{os.getpid()}") for k, p in final.items()}
+    out: dict[str, bytes] = {}
     try:
-        for k, data in contents.items():
-            tmps[k].write_bytes(data)
-        for k in contents:
+        net = to_caffe(gq)
+    except UnsupportedOpError as e:
+        warnings.warn(f"Caffe pair (.prototxt/.caffemodel) not written: {e}. The direct ncnn models and the "
+                      "table are written (ncnn2int8 also reads the table with the direct fp32 .param/.bin).",
+                      CaffeSkippedWarning, stacklevel=3)
+    else:
+        out["prototxt"] = prototxt_text(net).encode()
+        out["caffemodel"] = net.SerializeToString(deterministic=True)
+    out.update({"table": table_text(scale_table(gq)).encode(),
+                "fp32_param": param_text(fp32).encode(), "fp32_bin": bin_bytes(fp32),
+                "int8_param": param_text(int8).encode(), "int8_bin": bin_bytes(int8),
+                "scales": (json.dumps(scales, indent=2, sort_keys=True) + "\n").encode()})
+    return out, int8
+
+
+def _manifest(contents: dict[str, bytes], names: dict[str, str], int8: NcnnModel, gq: Graph, model: str,
+              input_shape: tuple[int, ...], profile: str | None, route: str) -> bytes:
+    import deployq
+    from deployq.manifest import manifest_bytes
+
+    rel = {"param": names["int8_param"], "bin": names["int8_bin"], "fp32_param": names["fp32_param"],
+           "fp32_bin": names["fp32_bin"], "table": names["table"], "scales": names["scales"]}
+    if "qnet_params" in contents:
+        rel["qnet"] = names["qnet_params"].removesuffix(".params")
+    else:
+        rel["symbol"], rel["params"] = names["symbol"], names["params"]
+    if "prototxt" in contents:
+        rel["prototxt"], rel["caffemodel"] = names["prototxt"], names["caffemodel"]
+    blobs, info = layer_outputs(int8, gq)
+    return manifest_bytes("ncnn", model, input_shape, rel, blobs, f"deployq {deployq.__version__} export-ncnn "
+                          f"({route})", profile=profile or "ncnn", outputs=output_blobs(int8), layer_outputs=info)
+
+
+def write_all(contents: dict[str, bytes], out_dir: str | Path, names: dict[str, str]) -> dict[str, Path]:
+    """Write every file under a temporary name, then rename them all, ``manifest`` last (nothing half-written
+    on error; a folder this call created is removed again)."""
+    out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    order = [k for k in contents if k != MANIFEST_KEY] + [k for k in contents if k == MANIFEST_KEY]
+    final = {k: out / names[k] for k in order}
+    tmps = {k: p.with_name(f".{p.name}.tmp{os.getpid()}") for k, p in final.items()}
+    done = False
+    try:
+        for k in order:
+            tmps[k].write_bytes(contents[k])
+        for k in order:
             os.replace(tmps[k], final[k])
+        done = True
     finally:
         for t in tmps.values():
             t.unlink(missing_ok=True)
+        if not done and created:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
     return final
 
 
+def _names(stem: str, keys: Any) -> dict[str, str]:
+    table = {**SUFFIXES, **QNET_SUFFIXES, **FILES_SUFFIXES}
+    names = {k: f"{stem}{table[k]}" for k in keys if k != MANIFEST_KEY}
+    names[MANIFEST_KEY] = "deployq-export.json"
+    return names
+
+
+def _qnet_bytes(qnet: Any, model_name: str, input_shape: tuple[int, ...]) -> dict[str, bytes]:
+    """``deployq.save`` output, through a scratch folder outside the export."""
+    import deployq
+
+    with tempfile.TemporaryDirectory(prefix="deployq-qnet-") as d:
+        params, meta = deployq.save(qnet, Path(d) / "qnet", model_name=model_name, input_shape=input_shape)
+        return {"qnet_params": params.read_bytes(), "qnet_meta": meta.read_bytes()}
+
+
 def export_qnet(qnet: Any, out_dir: str | Path, name: str = "model",
-                input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, Path]:
+                input_shape: tuple[int, ...] = (1, 3, 32, 32), model_name: str | None = None) -> dict[str, Path]:
+    """Export a deployq-quantized net; returns {key: path} of every file written (manifest included).
+    ``model_name``: the built-in model the saved net is rebuilt from (default ``name``)."""
     from deployq import export_scales
 
     g, gq = qnet_graphs(qnet, name, input_shape)
-    files = write_all(render(g, gq, export_scales(qnet, name)), out_dir, name)
-    _write_manifest(qnet, Path(out_dir), name, input_shape, files)
-    return files
-
-
-def _write_manifest(qnet: Any, out: Path, name: str, input_shape: tuple[int, ...], files: dict[str, Path]) -> None:
-    """Save the quantized net beside the export and write ``deployq-export.json`` for ``deployq verify``."""
-    import ncnn
-
-    import deployq
-    from deployq.manifest import write_manifest
-
-    deployq.save(qnet, out / f"{name}-qnet", model_name=name, input_shape=input_shape)
-    net = ncnn.Net()
-    net.load_param(str(files["int8_param"]))
-    outputs = list(net.output_names())
-    rel = {"param": files["int8_param"].name, "bin": files["int8_bin"].name, "fp32_param": files["fp32_param"].name,
-           "fp32_bin": files["fp32_bin"].name, "table": files["table"].name, "scales": files["scales"].name,
-           "qnet": f"{name}-qnet"}
-    # no per-layer blobs: ncnn fuses activations into the convolutions and keeps requantized blobs as int8 codes
-    write_manifest(out, "ncnn", name, input_shape, rel, {}, f"deployq {deployq.__version__} export-ncnn",
-                   profile=getattr(qnet, "_deployq", {}).get("profile"), outputs=outputs)
+    contents, int8 = render(g, gq, export_scales(qnet, model_name or name))
+    contents.update(_qnet_bytes(qnet, model_name or name, input_shape))
+    names = _names(name, [*contents, MANIFEST_KEY])
+    profile = getattr(qnet, "_deployq", {}).get("profile")
+    contents[MANIFEST_KEY] = _manifest(contents, names, int8, gq, model_name or name, input_shape, profile,
+                                       "quantized net")
+    return write_all(contents, out_dir, names)
 
 
 def export_files(symbol: str | Path, params: str | Path, scales_path: str | Path, out_dir: str | Path,
-                 name: str | None = None) -> dict[str, Path]:
+                 name: str | None = None, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, Path]:
+    """Export an MXNet json/params pair with a scale file; the pair is copied into the export (as
+    ``<name>-symbol.json``/``<name>-0000.params``) so that ``deployq verify`` can rebuild the simulation."""
     scales = load_scale_file(scales_path)
     name = name or Path(symbol).name.removesuffix(".json").removesuffix("-symbol")
-    g, gq = file_graphs(symbol, params, scales, str(scales_path))
-    return write_all(render(g, gq, scales), out_dir, name)
+    g, gq = file_graphs(symbol, params, scales, str(scales_path), input_shape)
+    contents, int8 = render(g, gq, scales)
+    contents["symbol"], contents["params"] = Path(symbol).read_bytes(), Path(params).read_bytes()
+    names = _names(name, [*contents, MANIFEST_KEY])
+    model = (scales.get("model") or {}).get("name") or name
+    contents[MANIFEST_KEY] = _manifest(contents, names, int8, gq, model, input_shape, "ncnn",
+                                       "json/params + scale file")
+    return write_all(contents, out_dir, names)

@@ -75,6 +75,11 @@ def caffe2ncnn(arch: pb.NetParameter, weights: pb.NetParameter) -> NcnnModel:
             rec.params = {0: ly.softmax_param.axis - 1, 1: 1}
         elif ly.type == "Concat":
             rec.params = {0: ly.concat_param.axis - 1}
+        elif ly.type == "Scale":  # no weight blob (two bottoms): 0=-233, scale from the second blob
+            bias = int(ly.scale_param.bias_term)
+            has_weight = len(arr) == 1 + bias
+            rec.params = {0: int(arr[0].size) if has_weight else -233, 1: bias}
+            rec.weights = [WeightBlob(a) for a in arr]
         elif ly.type not in ("ReLU", "Flatten", "Sigmoid", "TanH"):
             raise NotImplementedError(ly.type)
         layers.append(rec)
@@ -129,3 +134,34 @@ def test_caffe_route_computes_the_direct_int8_model(tmp_path, name):
     per_image = np.abs(via_caffe - direct).max(1)
     print(f"{name}: caffe route vs direct int8: max logit difference {per_image.max():.3g}")
     assert per_image.max() <= 1e-5  # observed: identical (requantize fusion gives the same codes)
+
+
+def test_caffe_route_squeeze_excitation(tmp_path):
+    """SE: caffe2ncnn's two-bottom Scale (0=-233) and InnerProduct on the pooled blob run in ncnn: fp32 equals
+    MXNet, int8 through ncnn2int8 equals the direct int8 model."""
+    import mxnet as mx
+
+    from .test_ncnn_files import _se_net
+
+    net, x = _se_net()
+    ref = net(mx.nd.array(x)).asnumpy()
+    deployq.quantize(net, profile="ncnn")
+    minmax_calibrate(net, x)
+    files = export_qnet(net, tmp_path, "se", (1, 3, 8, 8))
+    arch = text_format.Parse(files["prototxt"].read_text(), pb.NetParameter())
+    weights = pb.NetParameter()
+    weights.ParseFromString(files["caffemodel"].read_bytes())
+    fp32 = caffe2ncnn(arch, weights)
+    scale = next(ly for ly in fp32.layers if ly.type == "Scale")
+    assert scale.params == {0: -233, 1: 0} and len(scale.bottoms) == 2
+    (tmp_path / "f.param").write_text(param_text(fp32))
+    (tmp_path / "f.bin").write_bytes(bin_bytes(fp32))
+    out = run(tmp_path / "f.param", tmp_path / "f.bin", x, output_blob=fp32.output_blobs[0])
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
+    int8 = ncnn2int8(caffe2ncnn(arch, weights), files["table"].read_text())
+    assert sum(ly.params.get(8, 0) > 0 for ly in int8.layers) == 4
+    (tmp_path / "c.param").write_text(param_text(int8))
+    (tmp_path / "c.bin").write_bytes(bin_bytes(int8))
+    via_caffe = run(tmp_path / "c.param", tmp_path / "c.bin", x, output_blob=int8.output_blobs[0])
+    direct = run(files["int8_param"], files["int8_bin"], x)
+    assert np.abs(via_caffe - direct).max() <= 1e-5 * np.abs(direct).max()

@@ -181,24 +181,118 @@ def _fp32_files(tmp_path, name="resnet20"):
 
 def test_cli_byte_identical_and_file_route(tmp_path, capsys):
     assert main(["export-ncnn", "--model", "mobilenet0.25", "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out.splitlines()
     assert main(["export-ncnn", "--model", "mobilenet0.25", "--out", str(tmp_path / "b")]) == 0
-    assert "int8_param" in capsys.readouterr().out
     a = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert a == sorted(["deployq-export.json", "mobilenet0.25-qnet.deployq.json", "mobilenet0.25-qnet.params"]
                       + [f"mobilenet0.25{s}" for s in SUFFIXES.values()])
+    assert sorted(ln.split()[1].rsplit("/", 1)[1] for ln in printed) == a  # every file written is printed
+    assert {ln.split()[0] for ln in printed} >= {"int8_param", "manifest", "qnet_params", "qnet_meta"}
     assert a == sorted(p.name for p in (tmp_path / "b").iterdir())
     for f in a:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     net = _fp32_files(tmp_path)
     args = ["export-ncnn", "--symbol", str(tmp_path / "m-symbol.json"), "--params", str(tmp_path / "m-0000.params"),
             "--scales", str(tmp_path / "s.json"), "--out", str(tmp_path / "c")]
+    capsys.readouterr()
     assert main(args) == 0
-    files = {p.name for p in (tmp_path / "c").iterdir()}
-    assert "m-int8.param" in files and "m.table" in files
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert files == sorted(["deployq-export.json", "m-symbol.json", "m-0000.params"]
+                           + [f"m{s}" for s in SUFFIXES.values()])
+    assert sorted(ln.split()[1].rsplit("/", 1)[1] for ln in capsys.readouterr().out.splitlines()) == files
+    assert (tmp_path / "c" / "m-0000.params").read_bytes() == (tmp_path / "m-0000.params").read_bytes()
+    man = json.loads((tmp_path / "c" / "deployq-export.json").read_text())
+    assert man["engine"] == "ncnn" and "qnet" not in man["files"] and man["files"]["symbol"] == "m-symbol.json"
+    assert set(man["layers"]) == set(deployq.quant_layers(net))
     x = balanced_images(3, "test")
     out = run(tmp_path / "c" / "m-int8.param", tmp_path / "c" / "m-int8.bin", x)
     sim = deployq.zoo.predict(net, x)
     assert np.mean(out.argmax(1) == sim.argmax(1)) == 1.0
+
+
+def _table_lines(path) -> dict[str, list[float]]:
+    return {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in path.read_text().splitlines()}
+
+
+def test_cli_model_with_scale_file_and_config(tmp_path, capsys):
+    """--model --scales: the file's thresholds go into the table (not min-max); --config: excluded layers get
+    neither table line and stay fp32; the export verifies in ncnn; --scales/--config with --qnet are refused."""
+    from deployq import calib
+    from deployq.sensitivity import config_keeping_fp32
+    from deployq.verify import verify
+
+    sf = calib.calibrate(get_trained("resnet20", verbose=False), balanced_images(5), method="percentile",
+                         profile="ncnn", quiet=True, model_name="resnet20", percentile=99.9)
+    sf.save(tmp_path / "s.json")
+    fp32_layer = "features.3.1.body.0"
+    (tmp_path / "cfg.json").write_text(json.dumps(config_keeping_fp32([fp32_layer])))
+    out = tmp_path / "o"
+    assert main(["export-ncnn", "--model", "resnet20", "--scales", str(tmp_path / "s.json"), "--config",
+                 str(tmp_path / "cfg.json"), "--out", str(out)]) == 0
+    table = _table_lines(out / "resnet20.table")
+    assert fp32_layer not in table and f"{fp32_layer}_param_0" not in table
+    clipped = 0
+    for key, r in sf.tensors.items():
+        layer = key.removesuffix(":input")
+        if layer == fp32_layer:
+            continue
+        assert np.float32(table[layer][0]) == np.float32(127) / np.float32(r.threshold), layer
+        clipped += r.threshold < max(abs(r.observed_min), abs(r.observed_max)) * 0.999
+    assert clipped >= 5  # the percentile thresholds are not the min-max ones: the file was applied
+    line = next(ln for ln in (out / "resnet20-int8.param").read_text().splitlines() if f" {fp32_layer} " in ln)
+    assert " 8=" not in line
+    rep = verify(out, limit=100)
+    assert rep["passed"], rep["breaches"]
+    assert fp32_layer not in {r["layer"] for r in rep["layers"]} and len(rep["layers"]) == 21
+
+    capsys.readouterr()
+    qnet = str(out / "resnet20-qnet")
+    assert main(["export-ncnn", "--qnet", qnet, "--scales", str(tmp_path / "s.json"),
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "--scales does not apply to --qnet" in capsys.readouterr().err
+    assert main(["export-ncnn", "--qnet", qnet, "--config", str(tmp_path / "cfg.json"),
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "--config applies to --model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    other = calib.calibrate(get_trained("mobilenet0.25", verbose=False), balanced_images(1), method="minmax",
+                            profile="ncnn", quiet=True)
+    other.save(tmp_path / "other.json")
+    assert main(["export-ncnn", "--model", "resnet20", "--scales", str(tmp_path / "other.json"),
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "different model" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_export_is_atomic(tmp_path, monkeypatch):
+    """An error while saving the net, or while writing any file, leaves no file and no new folder."""
+    net = get_trained("mobilenet0.25", verbose=False)
+    deployq.quantize(net, profile="ncnn")
+    minmax_calibrate(net, balanced_images(2))
+
+    def broken_save(*a, **k):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(deployq, "save", broken_save)
+        with pytest.raises(RuntimeError, match="disk full"):
+            export_qnet(net, tmp_path / "a", "m")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("x")
+    calls = []
+    real = type(tmp_path).write_bytes
+
+    def flaky(self, data):
+        calls.append(self.name)
+        if len(calls) == 6:
+            raise OSError("disk full")
+        return real(self, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(tmp_path), "write_bytes", flaky)
+        with pytest.raises(OSError, match="disk full"):
+            export_qnet(net, tmp_path / "b", "m")
+    assert len(calls) == 6 and all(c.startswith(".") and ".tmp" in c for c in calls)  # temporary names only
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "nan", "numpy", "other_scales", "unsupported"])
@@ -266,12 +360,16 @@ class _SE(gluon.HybridBlock):
         return self.out(F.broadcast_mul(y, s))
 
 
-def test_se_block_fp32_and_int8(tmp_path):
+def _se_net():
     mx.random.seed(0)
     net = _SE()
     net.initialize(mx.init.Xavier(magnitude=2.0))
     net.hybridize()
-    x = np.random.default_rng(0).normal(size=(40, 3, 8, 8)).astype(np.float32)
+    return net, np.random.default_rng(0).normal(size=(40, 3, 8, 8)).astype(np.float32)
+
+
+def test_se_block_fp32_and_int8(tmp_path):
+    net, x = _se_net()
     ref = net(mx.nd.array(x)).asnumpy()
     deployq.quantize(net, profile="ncnn")
     minmax_calibrate(net, x)
@@ -284,8 +382,45 @@ def test_se_block_fp32_and_int8(tmp_path):
         out = run(tmp_path / f"{key}.param", tmp_path / f"{key}.bin", x)
         rel = np.abs(out - want).max(1) / np.abs(want).max()
         assert np.mean(rel <= tol) >= 0.9 and rel.max() <= 1e-2, key  # int8: rare one-code rounding flips
-    with pytest.raises(UnsupportedOpError, match="broadcast_mul"):
-        to_caffe(gq)
+    # Caffe: the SE 1x1 convs as InnerProduct, broadcast_mul as a two-bottom Scale over axes 0-1
+    caffe = {ly.name: ly for ly in to_caffe(gq).layer}
+    assert caffe["fc1"].type == caffe["fc2"].type == "InnerProduct"
+    mul = next(ly for ly in caffe.values() if ly.type == "Scale")
+    assert list(mul.bottom) == ["conv", "fc2"] and mul.scale_param.axis == 0 and not mul.blobs
+    files = export_qnet(net, tmp_path / "e", "se", (1, 3, 8, 8))  # the whole export, Caffe pair included
+    assert files["prototxt"].exists() and files["caffemodel"].exists()
+
+
+class _Unpoolable(gluon.HybridBlock):
+    """A max pooling whose MXNet output size (floor) Caffe (ceil) cannot reproduce."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = gluon.nn.Conv2D(4, 3, padding=1, in_channels=3)
+        self.out = gluon.nn.Dense(10, in_units=4 * 4 * 4)
+
+    def hybrid_forward(self, F, x):
+        return self.out(F.Pooling(self.conv(x), kernel=(3, 3), stride=(2, 2), pool_type="max"))
+
+
+def test_caffe_unsupported_skips_the_pair_with_a_warning(tmp_path):
+    from deployq.exporters.ncnn_export import CaffeSkippedWarning
+
+    mx.random.seed(0)
+    net = _Unpoolable()
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    x = np.random.default_rng(0).normal(size=(20, 3, 10, 10)).astype(np.float32)
+    deployq.quantize(net, profile="ncnn")
+    minmax_calibrate(net, x)
+    with pytest.warns(CaffeSkippedWarning, match=r"not written: pooling0: Pooling kernel 3 stride 2"):
+        files = export_qnet(net, tmp_path, "u", (1, 3, 10, 10))
+    assert "prototxt" not in files and not list(tmp_path.glob("*.prototxt"))
+    assert {"table", "fp32_param", "int8_param", "manifest"} <= set(files)
+    man = json.loads(files["manifest"].read_text())
+    assert "prototxt" not in man["files"] and man["files"]["table"] == "u.table"
+    out = run(files["int8_param"], files["int8_bin"], x)
+    assert np.mean(out.argmax(1) == deployq.zoo.predict(net, x).argmax(1)) == 1.0
 
 
 def test_cli_saved_qnet_route(tmp_path):
