@@ -224,10 +224,11 @@ def simulate_graph(g: Any, profile: Any, x: np.ndarray, layers: list[str], weigh
     (``multiplier`` convention, ncnn) or ``codes * step``; each quantized layer's own input fake-quantized with
     the profile's rounding and convention (``round(x * qmax/T) / (qmax/T)`` for ncnn, ``round(x / step)`` with
     the zero point for affine grids), only where that layer reads it (a residual Add still reads fp32); biases
-    on the int32 grid when the profile says ``bias: int32``. Returns (logits, {layer: Conv/FC output})."""
+    on the int32 grid when the profile says ``bias: int32``; an output grid (``oq`` on ``oq_tensor``) quantizes that
+tensor for all its consumers. Returns (logits, {layer: Conv/FC output, before any output quantization})."""
     import mxnet as mx
 
-    from deployq.exporters.mxnet_lower import _op_symbol, run
+    from deployq.exporters.mxnet_lower import _op_symbol, run_symbol, to_symbol
     from deployq.fakequant import fake_quantize
 
     from .layerwise import no_subgraph_fusion
@@ -255,24 +256,34 @@ def simulate_graph(g: Any, profile: Any, x: np.ndarray, layers: list[str], weigh
             b = g.params[n.params["bias"]].astype(np.float32)
             g.params[n.params["bias"]] = (np.rint(b / s) * s).astype(np.float32)
 
+    def fq(sym: mx.sym.Symbol, q: Any) -> mx.sym.Symbol:
+        if q.symmetric:
+            scale = q.multiplier() if conv == "multiplier" else np.float32(q.step)
+            return fake_quantize(mx.sym, sym, mx.sym.full((1,), float(scale)), q.qmin, q.qmax, None,
+                                 profile.rounding, conv)
+        zp = mx.sym.full((1,), float(q.zero_point))
+        return fake_quantize(mx.sym, sym, mx.sym.full((1,), float(q.step)), q.qmin, q.qmax, zp, profile.rounding,
+                             "step")
+
     def lower_node(n: Any, xs: list[mx.sym.Symbol], ps: dict[str, mx.sym.Symbol]) -> mx.sym.Symbol | None:
         iq = n.attrs.get("iq")
-        if iq is None:
-            return None
-        if iq.symmetric:
-            scale = iq.multiplier() if conv == "multiplier" else np.float32(iq.step)
-            xq = fake_quantize(mx.sym, xs[0], mx.sym.full((1,), float(scale)), iq.qmin, iq.qmax, None,
-                               profile.rounding, conv)
-        else:
-            zp = mx.sym.full((1,), float(iq.zero_point))
-            xq = fake_quantize(mx.sym, xs[0], mx.sym.full((1,), float(iq.step)), iq.qmin, iq.qmax, zp,
-                               profile.rounding, "step")
-        return _op_symbol(n, [xq, *xs[1:]], ps)
+        return None if iq is None else _op_symbol(n, [fq(xs[0], iq), *xs[1:]], ps)
+
+    # output grids (``oq`` on the tensor ``oq_tensor``): the tensor itself is quantized, for every consumer
+    outq = {n.attrs["oq_tensor"]: n.attrs["oq"] for n in g.nodes if n.attrs.get("oq") is not None}
+
+    raw: dict[str, mx.sym.Symbol] = {}
+
+    def hook(t: str, sym: mx.sym.Symbol) -> mx.sym.Symbol:
+        raw[t] = sym  # layer outputs are compared before any output quantization
+        return fq(sym, outq[t]) if t in outq else sym
 
     tensors = {k: g.node(k).output for k in layers}
+    logits, args, aux = to_symbol(g, hook, [g.outputs[0]], lower_node)
+    sym = mx.sym.Group([logits, *(raw[t] for t in tensors.values())])
     with no_subgraph_fusion():
-        outs = run(g, x, outputs=[g.outputs[0], *tensors.values()], lower_node=lower_node)
-    return outs[g.outputs[0]], {k: outs[t] for k, t in tensors.items()}
+        outs = run_symbol(sym, args, aux, np.asarray(x, np.float32))
+    return outs[0], dict(zip(tensors, outs[1:], strict=True))
 
 
 def graph_output_step(gq: Any) -> float:
