@@ -168,13 +168,25 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_cli)
 
 
+def _balanced(y: np.ndarray, n: int) -> np.ndarray:
+    """Indices of ``n`` images spread evenly over the classes (deterministic; all images if ``n`` >= len)."""
+    from .data import class_balanced_subset
+
+    if n >= len(y):
+        return np.arange(len(y))
+    classes = len(np.unique(y))
+    return class_balanced_subset(y, -(-n // classes))[:n]
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from .data import load_mnist5k
     from .zoo import get_trained
 
     te, tr = load_mnist5k("test"), load_mnist5k("train")
-    rep = analyse(lambda: get_trained(args.model, verbose=False), tr.x[:args.calib_images], te.x[:args.images],
-                  te.y[:args.images], args.profile, args.layers, args.target_drop)
+    # MNIST-5k is sorted by class: take class-balanced subsets, not the first N images (one to three digits)
+    ie, ic = _balanced(te.y, args.images), _balanced(tr.y, args.calib_images)
+    rep = analyse(lambda: get_trained(args.model, verbose=False), tr.x[ic], te.x[ie], te.y[ie], args.profile,
+                  args.layers, args.target_drop)
     files = write_report(rep, args.out, args.model)
     for r in rep["layers"][:10]:
         print(f"{r['layer']:<28} only-quantized SQNR {r['only_quantized']['sqnr_db']:6.1f} dB  "

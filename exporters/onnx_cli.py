@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from .onnx_export import export_qnet
 
     base = Path(args.qnet)
-    meta_path = base.with_suffix(".deployq.json") if base.suffix != ".params" else base.with_suffix("")
-    if not meta_path.exists():
-        meta_path = Path(str(base.with_suffix("")) + ".deployq.json")
+    # strip only our own suffixes: Path.suffix would take ".25-qat" of "mobilenet0.25-qat" for one
+    stem = str(base).removesuffix(".params").removesuffix(".deployq.json")
+    meta_path = Path(stem + ".deployq.json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     qnet = deployq.load(base)
     name = args.model_name or meta.get("model") or "model"
