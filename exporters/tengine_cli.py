@@ -22,10 +22,13 @@ CALIB_BATCH = 128
 
 
 def calibration_images(n: int) -> list[np.ndarray]:
-    """The first ``n`` MNIST-5k training images in batches (the built-in models' calibration set)."""
-    from deployq.data import load_mnist5k
+    """``n`` class-balanced MNIST-5k training images in batches (the built-in models' calibration set; the
+    training set is sorted by class, so its first images would all be zeros)."""
+    from deployq.data import class_balanced_subset, load_mnist5k
 
-    x = load_mnist5k("train").x[:n]
+    train = load_mnist5k("train")
+    classes = len(np.unique(train.y))
+    x = train.x[class_balanced_subset(train.y, -(-n // classes))[:n]] if n < len(train.y) else train.x
     return [x[i:i + CALIB_BATCH] for i in range(0, len(x), CALIB_BATCH)]
 
 
@@ -110,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--scales", help="deployq scale file (JSON); its thresholds win over calibration")
     p.add_argument("--out", default="exports", help="output directory (default: exports)")
     p.add_argument("--name", help="base name of the files (default: the model name)")
-    p.add_argument("--calib-samples", type=int, default=256, help="MNIST-5k train images for calibration")
+    p.add_argument("--calib-samples", type=int, default=256, help="class-balanced MNIST-5k train images to calibrate")
     p.add_argument("--input-shape", default="1,3,32,32", help="N,C,H,W (default 1,3,32,32)")
     p.set_defaults(func=run_export_tengine)
     return p
