@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -14,16 +14,24 @@ from mxnet import gluon
 
 from .. import __version__
 from ..data import class_balanced_subset
-from ..profiles import Profile, load_profile
+from ..profiles import Profile, TensorGrid, load_profile
 from ..progress import progress
 from .base import CalibrationError, Calibrator, get_calibrator
 from .collect import ActivationTap, trace
 from .histogram import abs_histogram
-from .scalefile import ScaleFile, ScaleFileError, TensorRange, quant_params
+from .scalefile import ScaleFile, ScaleFileError, StreamHash, TensorRange
+
+__all__ = ["CalibrationWarning", "StreamHash", "apply", "calibrate", "check", "class_balanced_sampler",
+           "iter_batches", "report"]
+
+#: guard-rail defaults: warn when a threshold clips more than this share of a tensor's values ...
+WARN_CLIP_SHARE = 1e-3
+#: ... or when, on a signed tensor, the threshold is below this fraction of the observed max |x|
+WARN_THRESHOLD_RATIO = 0.5
 
 
 class CalibrationWarning(UserWarning):
-    """A calibrated threshold that clips a lot (the MXNet-entropy failure mode)."""
+    """A calibrated threshold that clips a lot or sits far below the data (the MXNet-entropy failure mode)."""
 
 
 def _core():
@@ -38,26 +46,6 @@ def _core():
 def class_balanced_sampler(y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
     """Indices of ``per_class`` images of every class (the seed's ``--num-sample``), deterministic for a seed."""
     return class_balanced_subset(np.asarray(y), per_class, seed)
-
-
-class StreamHash:
-    """SHA-256 over the float32 bytes of every batch in order, then the total shape (see scalefile)."""
-
-    def __init__(self) -> None:
-        self._h = hashlib.sha256()
-        self.n = 0
-        self.item_shape: tuple[int, ...] | None = None
-
-    def update(self, x: np.ndarray) -> None:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        self._h.update(memoryview(x).cast("B"))
-        self.n += x.shape[0]
-        self.item_shape = tuple(x.shape[1:])
-
-    def hexdigest(self) -> str:
-        h = self._h.copy()
-        h.update(str((self.n,) + (self.item_shape or ())).encode())
-        return "sha256:" + h.hexdigest()[:16]
 
 
 def iter_batches(data: Any, batch_size: int = 64, num_batches: int | None = None) -> Iterator[Any]:
@@ -87,63 +75,167 @@ def _num_batches(data: Any, batch_size: int, num_batches: int | None) -> int | N
     return n
 
 
-def _layer_info(net, profile: Profile):
-    """(paths of the layers to calibrate or None for every Conv/Dense, {path: block}, float-mode context)."""
+class _DLPack:
+    """Adapter for ``np.from_dlpack`` around an MXNet DLPack capsule (CPU)."""
+
+    def __init__(self, capsule):
+        self.capsule = capsule
+
+    def __dlpack__(self, stream=None):
+        return self.capsule
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+def host_view(a: mx.nd.NDArray) -> np.ndarray | None:
+    """A read-only NumPy view of a CPU NDArray without copying (DLPack), valid until ``a`` is written again;
+    None where MXNet cannot give one (oneDNN-layout arrays, other devices)."""
+    if a.context.device_type != "cpu":
+        return None
+    try:
+        return np.from_dlpack(_DLPack(a.to_dlpack_for_read()))
+    except (AttributeError, TypeError, RuntimeError, BufferError, mx.base.MXNetError):
+        return None
+
+
+class HostReader:
+    """The tapped tensors of a batch as NumPy, without per-batch allocations: a zero-copy view where MXNet
+    gives one (checked once per tensor against a copy), else a copy into a buffer kept per tensor (MXNet's
+    oneDNN layouts are reordered by the copy). A result is valid until the next call for the same tensor."""
+
+    def __init__(self) -> None:
+        self.view_ok: dict[str, bool] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, a: mx.nd.NDArray) -> np.ndarray:
+        ok = self.view_ok.get(name)
+        if ok is None:
+            v = host_view(a)
+            ok = self.view_ok[name] = v is not None and bool(np.array_equal(v, a.asnumpy(), equal_nan=True))
+        if ok:
+            v = host_view(a)
+            if v is not None:
+                return v
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != a.shape:
+            buf = self.buffers[name] = np.empty(a.shape, dtype=np.float32)
+        if a.dtype != np.float32:
+            buf[...] = a.asnumpy()
+            return buf
+        mx.base.check_call(mx.base._LIB.MXNDArraySyncCopyToCPU(a.handle, buf.ctypes.data_as(ctypes.c_void_p),
+                                                               ctypes.c_size_t(buf.size)))
+        return buf
+
+
+def _layer_grids(net, prof: Profile):
+    """(paths of the layers to calibrate or None for every Conv/Dense, {path: block}, {path: input grid},
+    float-mode context). A quantized net: its layers with a quantized input, each on its own input grid."""
     core = _core()
     if core is not None:
         quant_layers, float_mode = core
         q = quant_layers(net)
         if q:
-            return list(q), q, float_mode(net)
-    return None, {}, nullcontext()
+            grids = {p: b.layer_config.input for p, b in q.items() if b.layer_config.input is not None}
+            if not grids:
+                raise CalibrationError("the quantized net has no layer with a quantized input: nothing to calibrate")
+            return list(grids), q, grids, float_mode(net)
+    return None, {}, {}, nullcontext()
 
 
-def _ensure_initialized(net: gluon.Block, x: mx.nd.NDArray) -> None:
+def _ensure_initialized(net: gluon.Block, x: mx.nd.NDArray) -> list[gluon.Parameter]:
+    """Finish deferred initialisation (one forward) if needed; returns the net's parameters (a walk of the block
+    tree's registered parameters: ``collect_params`` costs tens of ms per call on a small net)."""
+    from ..naming import block_paths
+
+    params = list({id(p): p for b in block_paths(net).values() for p in getattr(b, "_reg_params", {}).values()}
+                  .values()) or list(net.collect_params().values())
     try:
-        for p in net.collect_params().values():
+        for p in params:
             p.data()
     except gluon.parameter.DeferredInitializationError:
         net(x)
+    return params
+
+
+#: the last ActivationTap built: (weak reference to the net, key, tap); one entry, so at most one tap's buffers
+_TAP_CACHE: list = []
+
+
+def _tap(net: gluon.HybridBlock, layers: list[str] | None, params: list[gluon.Parameter]) -> ActivationTap:
+    """The tap of ``net``, reused while the net, its traced fp32 graph, the layers and its Parameter objects are
+    the same (calibrating one net with several methods builds and warms up the graph once)."""
+    import weakref
+
+    from ..naming import structure_fingerprint
+
+    key = (structure_fingerprint(trace(net).tojson()), None if layers is None else tuple(layers),
+           tuple(id(p) for p in params))
+    if _TAP_CACHE:
+        ref, k, tap = _TAP_CACHE[0]
+        if ref() is net and k == key:
+            return tap
+    tap = ActivationTap(net, layers)
+    _TAP_CACHE[:] = [(weakref.ref(net), key, tap)]
+    return tap
+
+
+def _to_nd(b: Any) -> mx.nd.NDArray:
+    return b if isinstance(b, mx.nd.NDArray) else mx.nd.array(np.asarray(b, dtype=np.float32))
 
 
 def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: str | Profile = "ncnn",
               num_batches: int | None = None, quiet: bool = False, *, batch_size: int = 64,
-              model_name: str | None = None, warn_clip_share: float = 1e-3, warn_threshold_ratio: float = 0.5,
-              zero_threshold: float | None = None, **method_kwargs: Any) -> ScaleFile:
+              model_name: str | None = None, warn_clip_share: float = WARN_CLIP_SHARE,
+              warn_threshold_ratio: float = WARN_THRESHOLD_RATIO, zero_threshold: float | None = None,
+              **method_kwargs: Any) -> ScaleFile:
     """Calibrate the input range of every quantized Conv/Dense of ``net`` on ``data``.
 
-    :param net: a plain fp32 Gluon HybridBlock (every Conv/Dense is a layer) or a deployq-quantized net
-        (only ``deployq.quant_layers(net)``; activations come from its fp32 graph under ``float_mode``).
+    :param net: a plain fp32 Gluon HybridBlock (every Conv/Dense is a layer, on the profile's activation
+        grid) or a deployq-quantized net (the layers of ``deployq.quant_layers(net)`` whose input is quantized,
+        each on its own input grid; activations come from its fp32 graph under ``float_mode``).
     :param data: a NumPy/NDArray array of images, a Gluon DataLoader or any re-iterable of batches or
         ``(x, y)`` pairs. Histogram methods (kl, percentile, mse) and EMA with ``passes > 1`` read it twice.
     :param method: a name in ``CALIBRATORS`` (minmax, ema, kl, percentile, mse); ``method_kwargs`` go to
-        its class (``percentile=99.99``, ``momentum=0.9, passes=1``, ``num_bins=2048``).
+        its class (``percentile=99.99``, ``momentum=0.9, passes=1``, ``num_bins=2048``,
+        ``max_clipped_share=1e-3`` (KL clip guard, None = off)).
     :param zero_threshold: a tensor that is zero on every calibration image has no range: by default that is
         an error; with a float, that threshold is used instead (and a warning is given).
     :param warn_clip_share: warn when a threshold clips more than this share of a tensor's values.
-    :param warn_threshold_ratio: warn, on a signed tensor, when threshold < ratio * observed max and the
-        clipped share exceeds ``warn_clip_share`` (the MXNet entropy failure).
+    :param warn_threshold_ratio: warn when, on a signed tensor, threshold < ratio * observed max |x| (the MXNet
+        entropy failure), whatever the clipped share.
+
+    Every warning is given as a :class:`CalibrationWarning` and also kept, as one line, in the returned
+    file's ``warnings`` list (not written to the file; the CLI prints them).
     """
     prof = load_profile(profile)
     cls = get_calibrator(method)
     cls(prof.activation, **method_kwargs)  # bad kwargs fail before any work (TypeError names them)
-    layers, qlayers, ctx = _layer_info(net, prof)
+    layers, qlayers, grids, ctx = _layer_grids(net, prof)
 
     it = iter_batches(data, batch_size, num_batches)
     try:
         first = next(it)
     except StopIteration:
         raise CalibrationError("no calibration data: the data source yielded no batches") from None
-    first_nd = first if isinstance(first, mx.nd.NDArray) else mx.nd.array(np.asarray(first, dtype=np.float32))
+    first_nd = _to_nd(first)
     if first_nd.shape[0] == 0:
         raise CalibrationError("no calibration data: the first batch is empty")
-    _ensure_initialized(net, first_nd)
+    params = _ensure_initialized(net, first_nd)
     with ctx:
-        tap = ActivationTap(net, layers)
-    cals: dict[str, Calibrator] = {i: cls(prof.activation, **method_kwargs) for i in tap.internals}
-    layer_of: dict[str, list[str]] = {}
+        tap = _tap(net, layers, params)
+    # one calibrator per (tensor, grid): a tensor read by layers on different grids is calibrated per grid
+    key_of = {p.key: (p.internal, grids.get(p.layer, prof.activation)) for p in tap.points}
+    cals: dict[tuple[str, TensorGrid], Calibrator] = {}
+    layer_of: dict[tuple[str, TensorGrid], list[str]] = {}
     for p in tap.points:
-        layer_of.setdefault(p.internal, []).append(p.layer)
+        k = key_of[p.key]
+        if k not in cals:
+            cals[k] = cls(k[1], **method_kwargs)
+        layer_of.setdefault(k, []).append(p.layer)
+    by_internal: dict[str, list[tuple[tuple[str, TensorGrid], Calibrator]]] = {i: [] for i in tap.internals}
+    for k, c in cals.items():
+        by_internal[k[0]].append((k, c))
     c0 = next(iter(cals.values()))
     passes = [("range", k) for k in range(c0.range_passes)] + ([("hist", 0)] if c0.uses_histogram else [])
     if len(passes) > 1 and iter(data) is data:
@@ -152,28 +244,32 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     nb = _num_batches(data, batch_size, num_batches)
     bar = progress(total=None if nb is None else nb * len(passes), desc=f"calibrate {method}", disable=quiet)
     hasher = StreamHash()
-    absmax: dict[str, float] = {}
+    read = HostReader()
+    work: dict = {}  # histogram scratch buffers
     for kind, k in passes:
-        src = iter_batches(data, batch_size, num_batches) if (kind, k) != passes[0] else _chain(first, it)
-        if kind == "hist":
-            absmax = {i: c.absmax for i, c in cals.items()}
+        src = _chain(first, it) if (kind, k) == passes[0] else iter_batches(data, batch_size, num_batches)
         for b in src:
+            x = _to_nd(b)
             if kind == "range" and k == 0:
                 hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
-            x = b if isinstance(b, mx.nd.NDArray) else mx.nd.array(np.asarray(b, dtype=np.float32))
             outs = tap(x)
-            for name, o in zip(tap.internals, outs, strict=False):
-                a = o.asnumpy()
+            for name, o in zip(tap.internals, outs, strict=True):
+                a = read(name, o)  # read before the next forward overwrites it
                 if kind == "range":
                     lo, hi = float(a.min()), float(a.max())
                     if not (np.isfinite(lo) and np.isfinite(hi)):
                         bad = "NaN" if np.isnan(a).any() else "Inf"
+                        layers_here = sorted({p.layer for p in tap.points if p.internal == name})
                         raise CalibrationError(f"{bad} activations at the input of layer(s) "
-                                               f"{', '.join(layer_of[name])}")
-                    cals[name].update_range(lo, hi, a.size, k)
+                                               f"{', '.join(layers_here)}")
+                    for _, cal in by_internal[name]:
+                        cal.update_range(lo, hi, a.size, k)
+                        cal.observe(a, k)
                 else:
-                    counts, zeros = abs_histogram(a, absmax[name], cals[name].num_bins)
-                    cals[name].update_histogram(counts, zeros)
+                    for _, cal in by_internal[name]:
+                        counts, zeros = abs_histogram(a, cal.absmax, cal.num_bins, work)
+                        cal.update_histogram(counts, zeros)
+                del a
             bar.update(1)
     bar.close()
     if hasher.n == 0:
@@ -182,50 +278,47 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     data_hash = hasher.hexdigest()
     sf = ScaleFile(model_name or getattr(net, "name", type(net).__name__), tap.fingerprint, prof.name,
                    f"deployq {__version__} calibrate --method {method}")
+    notes: list[str] = []
     results = {}
-    for name, cal in cals.items():
+    for key, cal in cals.items():
+        layers_here = ", ".join(layer_of[key])
         if cal.absmax == 0:
-            layers_here = ", ".join(layer_of[name])
             if zero_threshold is None:
                 raise CalibrationError(f"the input of layer(s) {layers_here} is zero on every calibration image: "
                                        "no range to calibrate (pass zero_threshold=<float> to use a fixed one)")
-            warnings.warn(f"layer(s) {layers_here}: constant-zero input, using zero_threshold={zero_threshold}",
-                          CalibrationWarning, stacklevel=2)
-            results[name] = (float(zero_threshold), -float(zero_threshold) if prof.activation.signed else 0.0,
-                             float(zero_threshold), 0.0)
+            notes.append(f"layer(s) {layers_here}: constant-zero input, using zero_threshold={zero_threshold}")
+            z = float(zero_threshold)
+            results[key] = (z, -z if key[1].signed else 0.0, z, 0.0)
             continue
         r = cal.compute()
         if getattr(cal, "guarded", False):
-            warnings.warn(f"layer(s) {', '.join(layer_of[name])}: the KL threshold clipped more than "
-                          f"{cal.max_clipped_share:g} of the values; raised to {r.threshold:.4g} (clip guard; "
-                          "max_clipped_share=None keeps ncnn2table's threshold)", CalibrationWarning, stacklevel=2)
-        results[name] = (r.threshold, r.lo, r.hi, r.clipped_share)
-    grid = prof.activation
+            notes.append(f"layer(s) {layers_here}: the KL threshold clipped more than {cal.max_clipped_share:g} "
+                         f"of the values; raised to {r.threshold:.4g} (clip guard; max_clipped_share=None keeps "
+                         "ncnn2table's threshold)")
+        results[key] = (r.threshold, r.lo, r.hi, r.clipped_share)
     for p in tap.points:
-        cal = cals[p.internal]
-        t, lo, hi, share = results[p.internal]
-        signed = bool(grid.signed or cal.signed_data)
-        step, zp, conv = quant_params(t, lo, hi, grid.bits, grid.signed, grid.symmetric, grid.narrow_range)
-        sf.tensors[p.key] = TensorRange(
-            layer=p.layer, kind="input", tensor=p.tensor, method=method, threshold=t, lo=lo, hi=hi,
-            bits=grid.bits, signed=signed, zero_point=zp, step=step, convention=conv, samples=hasher.n,
-            data_hash=data_hash, observed_min=float(cal.min), observed_max=float(cal.max),
-            clipped_share=share)
-        blk = qlayers.get(p.layer)
-        cfg = getattr(blk, "layer_config", None) if blk is not None else None
-        sf.layers[p.layer] = {"quantized": True,
-                              "weight_bits": int(_cfg(cfg, "weight_bits", prof.weight.bits)),
-                              "weight_granularity": str(_cfg(cfg, "weight_granularity", prof.weight.granularity))}
-    check(sf, warn_clip_share, warn_threshold_ratio)
+        key = key_of[p.key]
+        cal = cals[key]
+        t, lo, hi, share = results[key]
+        sf.tensors[p.key] = TensorRange.on_grid(
+            p.layer, "input", p.tensor, method, t, lo, hi, key[1], samples=hasher.n, data_hash=data_hash,
+            observed_min=float(cal.min), observed_max=float(cal.max),
+            clipped_share=None if share is None else float(share))
+        sf.layers[p.layer] = _layer_entry(qlayers.get(p.layer), prof)
+    for msg in notes:
+        warnings.warn(msg, CalibrationWarning, stacklevel=2)
+    notes += check(sf, warn_clip_share, warn_threshold_ratio)
+    sf.warnings = notes
     return sf
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+def _layer_entry(blk: Any, prof: Profile) -> dict[str, Any]:
+    """The scale file's ``layers`` entry of a quantized block (the profile's weight grid for a plain layer)."""
+    if blk is not None and hasattr(blk, "layer_config"):
+        from ..api import scale_layer_entry
+
+        return scale_layer_entry(blk)
+    return {"quantized": True, "weight_bits": int(prof.weight.bits), "weight_granularity": str(prof.weight.granularity)}
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -233,19 +326,29 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield from rest
 
 
-def check(sf: ScaleFile, max_clip_share: float = 1e-3, threshold_ratio: float = 0.5) -> list[str]:
-    """Guard rails: a warning (naming the layer) per tensor whose threshold clips more than ``max_clip_share``
-    of its values, stressed when a signed tensor is cut below ``threshold_ratio`` of its observed max."""
+def check(sf: ScaleFile, max_clip_share: float = WARN_CLIP_SHARE, threshold_ratio: float = WARN_THRESHOLD_RATIO
+          ) -> list[str]:
+    """Guard rails; returns one line per flagged tensor (each also given as a :class:`CalibrationWarning`).
+
+    A tensor is flagged, naming its layer, when its threshold clips more than ``max_clip_share`` of its values,
+    or when it is signed (observed min < 0) and its threshold is below ``threshold_ratio`` x its observed max
+    |x| (MXNet's entropy failure: a signed tensor cut far below its range), even if few values are clipped.
+    Tensors whose clipped share or observed range is unknown (null) are checked on what is known."""
     msgs = []
-    for _key, r in sf.tensors.items():
-        if r.clipped_share is None or r.clipped_share <= max_clip_share:
+    for key, r in sf.tensors.items():
+        amax = r.observed_absmax
+        clips = r.clipped_share is not None and r.clipped_share > max_clip_share
+        low = (amax is not None and amax > 0 and r.observed_min is not None and r.observed_min < 0
+               and r.threshold < threshold_ratio * amax)
+        if not (clips or low):
             continue
-        amax = max(abs(r.observed_min), abs(r.observed_max))
-        msg = (f"layer {r.layer}: {r.method} threshold {r.threshold:.4g} clips {100 * r.clipped_share:.3g}% of "
-               f"its input values (observed |x| max {amax:.4g})")
-        if r.observed_min < 0 and amax > 0 and r.threshold < threshold_ratio * amax:
-            msg += (f"; a signed tensor cut below {threshold_ratio:g}x its max, as MXNet's entropy calibration "
-                    "does when it loses accuracy; consider method='minmax' or 'percentile' for this layer")
+        share = "an unknown share" if r.clipped_share is None else f"{100 * r.clipped_share:.3g}%"
+        msg = (f"layer {r.layer or key}: {r.method} threshold {r.threshold:.4g} clips {share} of its input values "
+               f"(observed |x| max {'unknown' if amax is None else f'{amax:.4g}'})")
+        if low:
+            msg += (f"; a signed tensor cut below {threshold_ratio:g}x its max (T/max {r.threshold / amax:.3f}), as "
+                    "MXNet's entropy calibration does when it loses accuracy; consider method='minmax' or "
+                    "'percentile' for this layer")
         warnings.warn(msg, CalibrationWarning, stacklevel=3)
         msgs.append(msg)
     return msgs
@@ -256,18 +359,20 @@ def report(sf: ScaleFile) -> str:
     head = f"{'tensor':<32} {'method':<10} {'threshold':>10} {'max|x|':>10} {'T/max':>6} {'clipped':>9} {'step':>10}"
     lines = [f"model {sf.model_name} ({sf.fingerprint}), profile {sf.profile}", head, "-" * len(head)]
     for key, r in sf.tensors.items():
-        amax = max(abs(r.observed_min), abs(r.observed_max))
-        ratio = r.threshold / amax if amax > 0 else float("nan")
+        amax = r.observed_absmax
+        ratio = f"{r.threshold / amax:>6.3f}" if amax else f"{'n/a':>6}"
+        amax_s = f"{amax:>10.4g}" if amax is not None else f"{'n/a':>10}"
         share = "n/a" if r.clipped_share is None else f"{100 * r.clipped_share:.4f}%"
-        lines.append(f"{key:<32} {r.method:<10} {r.threshold:>10.4g} {amax:>10.4g} {ratio:>6.3f} {share:>9} "
-                     f"{r.step:>10.4g}")
+        lines.append(f"{key:<32} {r.method:<10} {r.threshold:>10.4g} {amax_s} {ratio} {share:>9} {r.step:>10.4g}")
     return "\n".join(lines)
 
 
 def apply(qnet: gluon.Block, sf: ScaleFile) -> int:
     """Set the calibrated input ranges into a deployq-quantized net; returns the number of layers set.
 
-    Raises ScaleFileError when the file was made for another model or lacks a quantized layer."""
+    The net remembers where each range came from (method, samples, data hash, observed range, clipped share;
+    kept by ``deployq.save``/``load``) so that ``deployq.export_scales`` writes it while the range is unchanged.
+    Raises ScaleFileError when the file was made for another model or lacks a layer with a quantized input."""
     core = _core()
     if core is None:
         raise RuntimeError("apply() needs the deployq core (deployq.quantize / quant_layers), not installed")
@@ -281,10 +386,16 @@ def apply(qnet: gluon.Block, sf: ScaleFile) -> int:
     if fp != sf.fingerprint:
         raise ScaleFileError(f"scale file was calibrated for a different model: file fingerprint {sf.fingerprint} "
                              f"({sf.model_name}), this model {fp}")
-    missing = [p for p in q if f"{p}:input" not in sf.tensors]
+    todo = {p: b for p, b in q.items() if b.layer_config.input is not None}
+    missing = [p for p in todo if f"{p}:input" not in sf.tensors]
     if missing:
         raise ScaleFileError(f"scale file has no input range for quantized layer(s): {', '.join(missing)}")
-    for path, blk in q.items():
+    info = getattr(qnet, "_deployq", None)
+    record = info.setdefault("calibration", {}) if isinstance(info, dict) else {}
+    for path, blk in todo.items():
         r = sf.tensors[f"{path}:input"]
         blk.set_input_range(r.lo, r.hi)
-    return len(q)
+        record[path] = {"range": list(blk.input_range()), "method": r.method, "samples": r.samples,
+                        "data_hash": r.data_hash, "observed_min": r.observed_min, "observed_max": r.observed_max,
+                        "clipped_share": r.clipped_share}
+    return len(todo)

@@ -25,8 +25,8 @@ class RangeResult:
     """What a calibrator decides for one tensor.
 
     ``threshold`` is the clipping threshold T in float units (symmetric grids clip to [-T, T]); ``lo``/``hi``
-    the float range actually represented; ``clipped_share`` the share of (non-zero, for KL) values beyond T,
-    or None where the method cannot know it (EMA sees only per-batch ranges)."""
+    the float range actually represented; ``clipped_share`` the share of values beyond T (from the histogram;
+    EMA: a running count, see ``deployq.calib.ema``), or None where the method cannot know it."""
 
     threshold: float
     lo: float
@@ -62,6 +62,10 @@ class Calibrator:
             self.min = min(self.min, float(lo))
             self.max = max(self.max, float(hi))
             self.count += int(n)
+
+    def observe(self, a: np.ndarray, pass_index: int = 0) -> None:
+        """One batch of the range pass(es), the tensor itself (read-only, after ``update_range``); a method that
+        needs more than the batch range (EMA's running clipped count) overrides this."""
 
     def update_histogram(self, counts: np.ndarray, zeros: int) -> None:
         """One batch of the histogram pass: counts of non-zero |x| per bin, and the number of exact zeros."""

@@ -1,6 +1,8 @@
-"""``deployq calibrate``: calibrate a built-in model on a class-balanced MNIST-5k subset, write scales.json.
+"""``deployq calibrate``: calibrate the layer-input ranges of a built-in model or a saved quantized net on MNIST-5k,
+an ``.npz`` or an image folder, and write the scale file (``deployq.scales`` v1) atomically.
 
 The lead's ``deployq/cli.py`` calls ``register(subparsers)``; ``python -m deployq.calib.cli`` also works.
+Exit status: 0 written, 2 bad input (message on stderr, no file written).
 """
 
 from __future__ import annotations
@@ -8,47 +10,209 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 from .base import CALIBRATORS
 
+#: method -> the method options it takes (CLI dest names)
+METHOD_OPTIONS = {"minmax": (), "ema": ("momentum", "passes"), "kl": ("bins", "clip_guard"),
+                  "percentile": ("percentile", "bins"), "mse": ("bins",)}
+_FLAGS = {"momentum": "--momentum", "passes": "--passes", "bins": "--bins",
+          "clip_guard": "--clip-guard/--no-clip-guard", "percentile": "--percentile"}
+
+
+class UsageError(ValueError):
+    """A bad command line (the message names the option)."""
+
 
 def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("calibrate", help="post-training calibration of activation ranges -> scale file")
-    p.add_argument("model", help="built-in model name (mobilenet0.25, resnet20)")
+    p = subparsers.add_parser(
+        "calibrate", help="post-training calibration of activation ranges -> scale file",
+        description="Calibrate the input range of every quantized Conv/Dense and write a deployq scale file "
+                    "(schema deployq.scales v1) that every exporter reads. The net is a built-in fp32 model "
+                    "(every Conv/Dense on the profile's grid) or a quantized net saved with deployq.save "
+                    "(--qnet; each layer on its own input grid). Guard-rail warnings go to stderr, one line "
+                    "each. Exit 0 when written; 2 on bad input (nothing written).")
+    p.add_argument("model", nargs="?", help="built-in model name (mobilenet0.25, resnet20); or use --qnet")
+    p.add_argument("--qnet", help="a quantized net saved with deployq.save (<path>.params + <path>.deployq.json)")
+    p.add_argument("--data", default="builtin",
+                   help="calibration images: 'builtin' (class-balanced MNIST-5k train), an .npz (array 'x' or "
+                        "'data', optional labels 'y') or a folder of .png/.jpg/.bmp images (default builtin)")
     p.add_argument("--method", default="kl", choices=sorted(CALIBRATORS))
-    p.add_argument("--profile", default="ncnn")
-    p.add_argument("--num-sample", type=int, default=10, help="calibration images per class (default 10)")
+    p.add_argument("--profile", default=None,
+                   help="engine profile (default: the quantized net's, else ncnn)")
+    p.add_argument("--num-sample", type=int, default=None,
+                   help="calibration images per class, where labels are known (default 10 for builtin; all "
+                        "images of a file)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    p.add_argument("--input-shape", default=None, help="N,C,H,W of the net input (default: the qnet's, else 1,3,32,32)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--percentile", type=float, default=None, help="for --method percentile (default 99.99)")
-    p.add_argument("--out", default="scales.json")
-    p.add_argument("--report", action="store_true", help="print the per-layer table")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the class-balanced subset")
+    g = p.add_argument_group("method options (each only for its method)")
+    g.add_argument("--momentum", type=float, default=None, help="ema: moving-average momentum in [0, 1) (0.9)")
+    g.add_argument("--passes", type=int, default=None, help="ema: passes over the data (1)")
+    g.add_argument("--bins", type=int, default=None, help="kl, percentile, mse: histogram bins (2048)")
+    g.add_argument("--percentile", type=float, default=None, help="percentile: percentile of |x| in (0, 100] (99.99)")
+    cg = g.add_mutually_exclusive_group()
+    cg.add_argument("--clip-guard", type=float, default=None, metavar="SHARE",
+                    help="kl: raise a KL threshold that clips more than SHARE of the values (on, 0.001)")
+    cg.add_argument("--no-clip-guard", dest="clip_guard", action="store_const", const=-1.0,
+                    help="kl: keep ncnn2table's threshold unchanged")
+    w = p.add_argument_group("guard rails")
+    w.add_argument("--warn-clip-share", type=float, default=None,
+                   help="warn when a threshold clips more than this share of a tensor's values (0.001)")
+    w.add_argument("--warn-threshold-ratio", type=float, default=None,
+                   help="warn when a signed tensor's threshold is below this fraction of its observed max |x| "
+                        "(0.5)")
+    p.add_argument("--out", default="scales.json", help="scale file to write (default scales.json)")
+    p.add_argument("--report", action="store_true", help="print the per-layer table (threshold, max, clipped)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary (warnings still print)")
     p.set_defaults(func=run)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..data import load_mnist5k
-    from ..zoo import get_trained
-    from .api import calibrate, class_balanced_sampler, report
+def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The calibrator keywords of the command line; UsageError for an option of another method or a bad value."""
+    allowed = METHOD_OPTIONS[args.method]
+    given = [k for k in _FLAGS if getattr(args, k, None) is not None]
+    wrong = [k for k in given if k not in allowed]
+    if wrong:
+        takes = ", ".join(_FLAGS[k] for k in allowed) or "no method options"
+        raise UsageError(f"{', '.join(_FLAGS[k] for k in wrong)} does not apply to --method {args.method} "
+                         f"(it takes {takes})")
+    kw: dict[str, Any] = {}
+    if args.momentum is not None:
+        if not 0.0 <= args.momentum < 1.0:
+            raise UsageError(f"--momentum must be in [0, 1), got {args.momentum:g}")
+        kw["momentum"] = args.momentum
+    if args.passes is not None:
+        if args.passes < 1:
+            raise UsageError(f"--passes must be >= 1, got {args.passes}")
+        kw["passes"] = args.passes
+    if args.bins is not None:
+        if args.bins < 16:
+            raise UsageError(f"--bins must be >= 16, got {args.bins}")
+        kw["num_bins"] = args.bins
+    if args.percentile is not None:
+        if not 0.0 < args.percentile <= 100.0:
+            raise UsageError(f"--percentile must be in (0, 100], got {args.percentile:g}")
+        kw["percentile"] = args.percentile
+    if args.clip_guard is not None:
+        if args.clip_guard == -1.0:
+            kw["max_clipped_share"] = None
+        elif not 0.0 < args.clip_guard < 1.0:
+            raise UsageError(f"--clip-guard must be a share in (0, 1), got {args.clip_guard:g}")
+        else:
+            kw["max_clipped_share"] = args.clip_guard
+    for name in ("warn_clip_share", "warn_threshold_ratio"):
+        v = getattr(args, name)
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v:g}")
+    for name in ("batch_size", "num_sample", "limit"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    return kw
 
-    net = get_trained(args.model, verbose=not args.quiet)
-    train = load_mnist5k("train")
-    x = train.x[class_balanced_sampler(train.y, args.num_sample, args.seed)]
-    kw = {} if args.percentile is None else {"percentile": args.percentile}
-    with warnings.catch_warnings():
-        if args.quiet:
-            warnings.simplefilter("ignore")
-        sf = calibrate(net, x, method=args.method, profile=args.profile, quiet=args.quiet,
-                       batch_size=args.batch_size, model_name=args.model, **kw)
-    sf.producer = (f"deployq calibrate {args.model} --method {args.method} --profile {args.profile} "
-                   f"--num-sample {args.num_sample} --seed {args.seed}")
-    path = sf.save(args.out)
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise UsageError(f"--input-shape must be N,C,H,W (positive integers), got {text!r}")
+    return shape
+
+
+def load_net(args: argparse.Namespace):
+    """(net, model name, profile name, input shape) from the model name or --qnet."""
+    if bool(args.model) == bool(args.qnet):
+        raise UsageError("give exactly one of: a built-in model name, --qnet PATH")
+    if args.qnet:
+        import json
+
+        import deployq
+
+        net = deployq.load(args.qnet)
+        base = str(args.qnet).removesuffix(".params").removesuffix(".deployq.json")
+        meta = json.loads(Path(f"{base}.deployq.json").read_text())
+        prof = net._deployq["profile"]
+        if args.profile is not None and args.profile != prof:
+            raise UsageError(f"--profile {args.profile}: the quantized net {args.qnet} was made for profile {prof}")
+        shape = _shape(args.input_shape) if args.input_shape else tuple(meta.get("input_shape") or (1, 3, 32, 32))
+        return net, meta.get("model") or Path(base).name, prof, shape
+    from ..zoo import BUILTIN_MODELS, get_trained
+
+    if args.model not in BUILTIN_MODELS:
+        raise UsageError(f"unknown built-in model {args.model!r}; built-in: {', '.join(BUILTIN_MODELS)} "
+                         "(or --qnet PATH for a saved quantized net)")
+    shape = _shape(args.input_shape) if args.input_shape else (1, 3, 32, 32)
+    return get_trained(args.model, verbose=not args.quiet), args.model, args.profile or "ncnn", shape
+
+
+def load_images(args: argparse.Namespace, input_shape: tuple[int, ...]):
+    """Calibration images (float32 NCHW) and a description for the producer string."""
+    import numpy as np
+
+    from .api import class_balanced_sampler
+
+    if args.data == "builtin":
+        from ..data import load_mnist5k
+
+        train = load_mnist5k("train")
+        x, y, per_class = train.x, train.y, args.num_sample or 10
+        if tuple(x.shape[1:]) != tuple(input_shape[1:]):
+            raise UsageError(f"--data builtin: MNIST-5k images are {x.shape[1:]}, the net needs {input_shape[1:]}")
+    else:
+        from ..verify import load_data
+
+        x, y = load_data(args.data, input_shape)
+        per_class = args.num_sample
+    if per_class is not None:
+        if y is None:
+            raise UsageError(f"--num-sample: {args.data} has no labels ('y'); use --limit to take fewer images")
+        x = x[class_balanced_sampler(y, per_class, args.seed)]
+    if args.limit:
+        x = x[:args.limit]
+    if len(x) == 0:
+        raise UsageError(f"--data {args.data}: no images")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .api import WARN_CLIP_SHARE, WARN_THRESHOLD_RATIO, calibrate, report
+
+    try:
+        kw = method_kwargs(args)
+        net, name, profile, shape = load_net(args)
+        x = load_images(args, shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the guard-rail lines are printed below, not as Python warnings
+            sf = calibrate(net, x, method=args.method, profile=profile, quiet=args.quiet,
+                           batch_size=args.batch_size, model_name=name,
+                           warn_clip_share=WARN_CLIP_SHARE if args.warn_clip_share is None else args.warn_clip_share,
+                           warn_threshold_ratio=(WARN_THRESHOLD_RATIO if args.warn_threshold_ratio is None
+                                                 else args.warn_threshold_ratio), **kw)
+        opts = " ".join(f"{_FLAGS[k].split('/')[0]} {getattr(args, k):g}" for k in METHOD_OPTIONS[args.method]
+                        if getattr(args, k) is not None and not (k == "clip_guard" and args.clip_guard == -1.0))
+        if args.clip_guard == -1.0:
+            opts += " --no-clip-guard"
+        src = f"--qnet {Path(args.qnet).name}" if args.qnet else name
+        sf.producer = " ".join(f"deployq calibrate {src} --method {args.method} {opts} --profile {profile} "
+                               f"--data {Path(args.data).name} --images {len(x)} --seed {args.seed}".split())
+        path = sf.save(args.out)
+    except (ValueError, OSError) as e:
+        print(f"deployq calibrate: error: {e}", file=sys.stderr)
+        return 2
+    for msg in sf.warnings:
+        print(f"deployq calibrate: warning: {msg}", file=sys.stderr)
     if args.report:
         print(report(sf))
     if not args.quiet:
-        print(f"wrote {path} ({len(sf.tensors)} tensors, {len(x)} images, method {args.method})", file=sys.stderr)
+        print(f"wrote {path} ({len(sf.tensors)} tensors, {len(x)} images, method {args.method}, "
+              f"{len(sf.warnings)} warning(s))", file=sys.stderr)
     return 0
 
 

@@ -61,7 +61,8 @@ def tap_points(sym, net: gluon.Block, layers=None) -> list[TapPoint]:
 
 
 class ActivationTap:
-    """Runs the fp32 graph and returns the tapped tensors of a batch as NDArrays (one per unique tensor)."""
+    """Runs the fp32 graph and returns the tapped tensors of a batch as NDArrays (one per unique tensor), in
+    MXNet's default layout."""
 
     def __init__(self, net: gluon.HybridBlock, layers=None):
         sym = trace(net)
@@ -74,7 +75,9 @@ class ActivationTap:
                 raise ValueError(f"quantized layers not found in the traced graph: {', '.join(missing)}")
         self.internals = list(OrderedDict.fromkeys(p.internal for p in self.points))
         internals = sym.get_internals()
-        outs = [internals[i] for i in self.internals]
+        # an identity per output: MXNet writes it in the default (plain NCHW) layout, not oneDNN's blocked one,
+        # so the host reads it through a zero-copy view (deployq.calib.api.HostReader) instead of a reorder+copy
+        outs = [mx.sym.identity(internals[i]) for i in self.internals]
         self.block = gluon.SymbolBlock(outs, mx.sym.var("data"), params=net.collect_params())
         self.block.hybridize(static_alloc=True)
 

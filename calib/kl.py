@@ -33,8 +33,16 @@ def _integral(prefix: np.ndarray, dens: np.ndarray, x: np.ndarray) -> np.ndarray
     return prefix[f] + (x - f) * dens[f]
 
 
-def kl_divergences(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS, chunk: int = 128) -> np.ndarray:
-    """KL(P_t || Q_t) for every candidate t in [levels, len(hist)) (vectorised over t, chunked)."""
+def kl_divergences(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS) -> np.ndarray:
+    """KL(P_t || Q_t) for every candidate t in [levels, len(hist)), vectorised over t in O(levels) per t.
+
+    With ``pe = h + eps``: ``KL = sum_k P_k log P_k - sum_k P_k log Q_k``. The first sum is a prefix sum of
+    ``pe log pe`` plus the last bin (which carries the tail). ``Q_k = q_j + eps`` on the bins inside merged bin
+    j, so the second sum is ``sum_j log(q_j + eps) * (pe summed over those bins)`` (prefix sums), plus one term
+    per merged-bin edge that falls inside a bin (``Q_k = f q_j + (1 - f) q_{j+1} + eps``), plus the tail times
+    ``log(q_last + eps)``. ``levels`` is a power of two, so ``t / levels`` and every edge are exact in float64.
+    Equal to the literal ncnn2table loop (tests/calib/test_methods.py) up to float rounding.
+    """
     h = np.asarray(hist, dtype=np.float64)
     n = len(h)
     total = h.sum()
@@ -43,30 +51,28 @@ def kl_divergences(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS, chu
     h = h / total
     prefix = np.concatenate([[0.0], np.cumsum(h)])
     tail = prefix[-1] - prefix  # tail[t] = sum(h[t:])
-    out = np.empty(n - levels)
-    k = np.arange(n, dtype=np.float64)[None, :]
-    jl = np.arange(levels, dtype=np.float64)[None, :]
-    for t0 in range(levels, n, chunk):
-        t = np.arange(t0, min(t0 + chunk, n), dtype=np.float64)[:, None]  # (B, 1)
-        npb = t / levels
-        start, end = jl * npb, (jl + 1) * npb
-        end[:, -1] = t[:, 0]
-        q = (_integral(prefix, h, end) - _integral(prefix, h, start)) / (end - start)  # mean density (B, L)
-        # integral of the expanded step function (value q_j on [j*npb, (j+1)*npb)) at bin edges 0..n
-        qprefix = np.concatenate([np.zeros((len(t), 1)), np.cumsum(q * npb, axis=1)], axis=1)
-        edges = np.arange(n + 1, dtype=np.float64)[None, :]
-        e = np.minimum(edges, t)
-        j = np.minimum(np.floor(e / npb).astype(np.int64), levels - 1)
-        D = np.take_along_axis(qprefix, j, 1) + (e - j * npb) * np.take_along_axis(q, j, 1)
-        expand = np.diff(D, axis=1) + eps  # (B, n); zero width beyond t
-        p = h[None, :] + eps
-        inside = k < t
-        last = k == t - 1
-        p = np.where(last, p + tail[t.astype(np.int64)], p)
-        p = np.where(inside, p, 1.0)
-        expand = np.where(inside, expand, 1.0)
-        out[t0 - levels: t0 - levels + len(t)] = np.sum(p * np.log(p / expand), axis=1)
-    return out
+    pe = h + eps
+    sp = np.concatenate([[0.0], np.cumsum(pe)])
+    spl = np.concatenate([[0.0], np.cumsum(pe * np.log(pe))])
+    ti = np.arange(levels, n)
+    t = ti.astype(np.float64)[:, None]  # (T, 1)
+    npb = t / levels
+    e = np.arange(levels + 1, dtype=np.float64)[None, :] * npb  # merged-bin edges, e[:, -1] = t (T, L + 1)
+    fl = np.floor(e)
+    f = e - fl  # > 0 where an edge falls inside bin floor(e)
+    fi = np.minimum(fl.astype(np.int64), n - 1)
+    integ = prefix[fi] + f * h[fi]  # integral of h over [0, e)
+    q = np.diff(integ, axis=1) / npb  # mean density of each merged bin (T, L)
+    lq = np.log(q + eps)
+    ci = fi + (f > 0)  # ceil(e)
+    inner = sp[fi[:, 1:]] - sp[ci[:, :-1]]  # pe summed over the bins wholly inside each merged bin
+    cross = np.einsum("ij,ij->i", lq, inner)
+    fb, kb = f[:, 1:-1], fi[:, 1:-1]  # inner edges
+    mix = fb * q[:, :-1] + (1.0 - fb) * q[:, 1:] + eps
+    cross += np.einsum("ij,ij->i", np.where(fb > 0, pe[kb], 0.0), np.log(mix))
+    last = pe[ti - 1] + tail[ti]
+    cross += tail[ti] * lq[:, -1]
+    return spl[ti - 1] + last * np.log(last) - cross
 
 
 def kl_best_bin(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS) -> int:
@@ -85,8 +91,14 @@ class KLCalibrator(Calibrator):
                  max_clipped_share: float | None = 1e-3):
         self.num_bins = int(num_bins)
         self.eps = float(eps)
+        if max_clipped_share is not None and not 0.0 < max_clipped_share < 1.0:
+            raise ValueError(f"max_clipped_share must be in (0, 1) or None, got {max_clipped_share}")
         self.max_clipped_share = max_clipped_share
         super().__init__(grid)
+        most = 2 ** self.grid.bits if not self.grid.signed else 2 ** (self.grid.bits - 1)
+        if self.num_bins <= most:
+            raise ValueError(f"num_bins must exceed the {most} quantized levels of the {self.grid.bits}-bit grid, "
+                             f"got {self.num_bins}")
         self.best_bin: int | None = None
         self.guarded = False
 

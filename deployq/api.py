@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import mxnet as mx
-import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
@@ -215,38 +214,55 @@ def describe(net: gluon.Block) -> str:
     return head + "\n".join(lines)
 
 
+def scale_layer_entry(blk: gluon.Block) -> dict[str, Any]:
+    """The scale file's ``layers`` entry of a quantized layer (docs/design.md)."""
+    c = blk.layer_config
+    return {"quantized": True,
+            "weight_bits": int(c.weight.bits) if c.weight else None,
+            "weight_granularity": str(c.weight.granularity) if c.weight else None,
+            "input_quantized": c.input is not None,
+            "fake_bn": blk.bn_path}
+
+
 def export_scales(net: gluon.HybridBlock, model_name: str = "", method: str = "tracked") -> dict[str, Any]:
-    """The scale-file dict (docs/design.md) of a quantized net: one input entry per quantized layer."""
+    """The scale file (``deployq.scales`` v1, docs/design.md) of a quantized net as a dict: one ``<layer>:input``
+    entry per layer with a quantized input, holding the range the simulation uses.
+
+    A range set by ``deployq.calib.apply`` (and not changed since) keeps its calibration's method, samples,
+    data hash, observed range and clipped share; any other range (tracked during QAT, set by hand) is written
+    with ``method`` and those fields null (an ``observer`` net's tracked min/max is its observed range).
+    The dict passes ``deployq.calib.ScaleFile.from_dict``; ``json.dumps(d, indent=2, sort_keys=True)``
+    gives the same bytes as ``ScaleFile.to_json``."""
+    from . import __version__
+    from .calib.collect import tap_points, trace
+    from .calib.scalefile import ScaleFile, TensorRange
+
     info = getattr(net, "_deployq", {})
-    tensors, layers = {}, {}
-    for path, b in quant_layers(net).items():
-        c = b.layer_config
-        layers[path] = {"quantized": True,
-                        "weight_bits": c.weight.bits if c.weight else None,
-                        "weight_granularity": c.weight.granularity if c.weight else None,
-                        "input_quantized": c.input is not None,
-                        "fake_bn": b.bn_path}
-        if c.input is None:
+    record = info.get("calibration") or {}
+    q = quant_layers(net)
+    with float_mode(net):
+        sym = trace(net)
+        fp = structure_fingerprint(sym.tojson())
+        tensor_of = {p.layer: p.tensor for p in tap_points(sym, net, list(q))}
+    sf = ScaleFile(model_name, fp, info.get("profile", ""),
+                   f"deployq {__version__} export_scales ({info.get('algorithm')})")
+    for path, b in q.items():
+        sf.layers[path] = scale_layer_entry(b)
+        g = b.layer_config.input
+        if g is None:
             continue
         lo, hi = b.input_range()
-        g = c.input
-        thr = b.input_threshold()
-        if g.symmetric:
-            step, zp = (thr / g.qmax if thr > 0 else 1.0), 0
+        rec = record.get(path)
+        if rec is not None and list(rec.get("range", ())) == [lo, hi]:
+            m = rec["method"]
+            prov = {k: rec.get(k) for k in ("samples", "data_hash", "observed_min", "observed_max", "clipped_share")}
         else:
-            lo0, hi0 = min(lo, 0.0), max(hi, 0.0)
-            step = (hi0 - lo0) / (g.qmax - g.qmin) if hi0 > lo0 else 1.0
-            zp = int(np.clip(np.round(g.qmin - lo0 / step), g.qmin, g.qmax))
-        tensors[f"{path}:input"] = {
-            "layer": path, "kind": "input", "method": method, "threshold": thr, "lo": lo, "hi": hi,
-            "bits": g.bits, "signed": g.signed, "symmetric": g.symmetric, "zero_point": zp, "step": step,
-            "convention": "step = threshold / qmax (int -> float); ncnn multiplier = qmax / threshold",
-            "samples": int(b.input_state.data().asnumpy()[3]),
-        }
-    return {"schema": "deployq.scales", "version": 1,
-            "model": {"name": model_name, "fingerprint": fingerprint(net)},
-            "profile": info.get("profile", ""), "producer": f"deployq export_scales ({info.get('algorithm')})",
-            "tensors": tensors, "layers": layers}
+            m, prov = method, {}
+            if b.algorithm == "observer" and float(b.input_state.data().asnumpy()[2]) > 0.5:
+                prov = {"observed_min": lo, "observed_max": hi}
+        sf.tensors[f"{path}:input"] = TensorRange.on_grid(path, "input", tensor_of[path], m,
+                                                          b.input_threshold(), lo, hi, g, **prov)
+    return sf.validate().to_dict()
 
 
 # ---------------------------------------------------------------------- save / load
@@ -296,6 +312,8 @@ def load(path: str | os.PathLike, net: gluon.HybridBlock | None = None,
         net(mx.nd.zeros(tuple(meta["input_shape"]), ctx=ctx))
     quantize(net, meta["config_list"], meta["profile"], meta["algorithm"], meta["ema_momentum"])
     net.load_parameters(str(params), ctx=ctx)
+    if meta.get("calibration"):
+        net._deployq["calibration"] = meta["calibration"]  # where calibrated ranges came from (export_scales)
     return net
 
 

@@ -30,9 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="unsigned inputs [0, T] (the seed's default; negatives clip to 0)")
     p.add_argument("--quant-type", default="channel", choices=_QUANT_TYPES, help="weight granularity")
     p.add_argument("--input-offline", action="store_true",
-                   help="use calibrated input ranges (default: online, each batch's own range)")
-    p.add_argument("--calib-mode", default="naive", choices=_CALIB_MODES,
-                   help="naive: EMA passes (the seed); minmax: fp32 min/max; others need deployq.calib")
+                   help="use calibrated input ranges (default: online, each batch's own range; implied by "
+                        "--calib-mode)")
+    p.add_argument("--calib-mode", default=None, choices=_CALIB_MODES,
+                   help="how offline input ranges are calibrated (default naive); giving it implies "
+                        "--input-offline. naive: EMA passes (the seed); minmax: fp32 min/max; ema, kl, percentile, "
+                        "mse: deployq.calib")
     p.add_argument("--calib-epochs", type=int, default=3, help="EMA passes for --calib-mode naive (default 3)")
     p.add_argument("--exclude-first-conv", action="store_true", help="keep the first convolution in fp32")
     m = p.add_mutually_exclusive_group()
@@ -70,9 +73,14 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from .simulate import SimOptions, format_table, simulate, sweep
 
+    offline = args.input_offline
+    if args.calib_mode is not None and not offline and not args.sweep:
+        offline = True  # a calibration method only means something for offline (calibrated) input ranges
+        print(f"deployq simulate: note: --calib-mode {args.calib_mode} implies --input-offline "
+              "(calibrated input ranges)", file=sys.stderr)
     opts = SimOptions(model=args.model, weight_bits=args.weight_bits, input_bits=args.input_bits,
-                      input_signed=args.input_signed, quant_type=args.quant_type, input_offline=args.input_offline,
-                      calib_mode=args.calib_mode, calib_epochs=args.calib_epochs,
+                      input_signed=args.input_signed, quant_type=args.quant_type, input_offline=offline,
+                      calib_mode=args.calib_mode or "naive", calib_epochs=args.calib_epochs,
                       exclude_first_conv=args.exclude_first_conv, fake_bn=args.fake_bn, num_sample=args.num_sample,
                       batch_size=args.batch_size, seed=args.seed, profile=args.profile, algorithm=args.algorithm)
     opts.check()

@@ -42,7 +42,7 @@ class SimOptions:
     input_signed: bool = True
     quant_type: str = "channel"
     input_offline: bool = False
-    calib_mode: str = "naive"
+    calib_mode: str = "naive"  # how offline ranges are calibrated; unused while input_offline is False
     calib_epochs: int = 3
     exclude_first_conv: bool = False
     fake_bn: bool | None = None  # None: the profile's fold_bn

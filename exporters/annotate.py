@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,18 @@ def graph_fingerprint(g: Graph) -> str:
     return structure_fingerprint(to_symbol(g)[0].tojson())
 
 
-def load_scale_file(path: str | Path) -> dict[str, Any]:
-    """Read and check a scale-file JSON (schema and version)."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise GraphError(f"{path}: cannot read the scale file: {e}") from None
-    check_scales(d, str(path))
-    return d
+def load_scale_file(path: str | Path, expect_fingerprint: str | None = None) -> dict[str, Any]:
+    """Read a scale file with deployq's one strict loader (``deployq.calib.scalefile.load``: schema, version,
+    every field and its type; a ``ScaleFileError`` naming the file, entry and field) and return it as a dict
+    (unknown fields written as null)."""
+    from deployq.calib.scalefile import load
+
+    return load(path, expect_fingerprint).to_dict()
 
 
 def check_scales(scales: dict[str, Any], where: str = "scale file") -> None:
+    """The minimal check :func:`annotate` makes on an in-memory dict (schema, version, a tensors table);
+    files are read with :func:`load_scale_file`, which checks every field."""
     if scales.get("schema") != SCHEMA or scales.get("version") != VERSION:
         raise GraphError(f"{where}: unknown scale-file schema/version {scales.get('schema')!r}/"
                          f"{scales.get('version')!r}; expected {SCHEMA!r}/{VERSION}")

@@ -103,6 +103,9 @@ class TengineExport:
     weight_steps: dict[str, np.ndarray]
     fingerprint: str
     warnings: list[str] = field(default_factory=list)
+    #: images behind the min-max calibration and their ``deployq.calib`` data hash (None without calibration)
+    calib_samples: int | None = None
+    calib_hash: str | None = None
 
     def scale_of(self, tengine_tensor: str) -> ScaleRecord:
         return next(s for s in self.scales if s.tensor == tengine_tensor)
@@ -336,7 +339,16 @@ def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
 def lower_model(graph: Graph, calib_batches: Iterable[np.ndarray] | None, name: str | None = None,
                 codes: dict[str, np.ndarray] | None = None) -> TengineExport:
     """:func:`prepare`, min-max calibrate tensors without a threshold on ``calib_batches``, :func:`lower`."""
+    from deployq.calib.scalefile import StreamHash
+
     fingerprint = graph_fingerprint(graph)
     g = prepare(graph, codes)
-    ranges = tensor_ranges(g, calib_batches) if calib_batches is not None else None
-    return lower(g, ranges, name, fingerprint)
+    batches = None if calib_batches is None else [np.asarray(b, np.float32) for b in calib_batches]
+    ranges = tensor_ranges(g, batches) if batches is not None else None
+    exp = lower(g, ranges, name, fingerprint)
+    if batches is not None:
+        h = StreamHash()
+        for b in batches:
+            h.update(b)
+        exp.calib_samples, exp.calib_hash = h.n, h.hexdigest()
+    return exp

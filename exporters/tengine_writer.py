@@ -4,7 +4,6 @@ rename)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -13,11 +12,13 @@ from pathlib import Path
 
 import jinja2
 import mxnet as mx
+from deployq.calib.scalefile import ScaleFile, TensorRange
 
 import deployq
+from deployq.profiles import TensorGrid
 
 from .mxnet_lower import to_symbol
-from .tengine import QMAX, TengineExport
+from .tengine import TengineExport
 
 
 def render_scale_table(exp: TengineExport) -> str:
@@ -27,19 +28,35 @@ def render_scale_table(exp: TengineExport) -> str:
     return env.from_string(text).render(scales=exp.scales)
 
 
+#: Tengine's activation grid: symmetric signed int8, codes in [-127, 127]
+TENGINE_GRID = TensorGrid(bits=8, signed=True, narrow_range=True, symmetric=True)
+
+
+def scale_file(exp: TengineExport) -> ScaleFile:
+    """deployq's scale file (``deployq.scales`` v1, docs/design.md) with one ``activation`` entry per Tengine
+    tensor, keyed by the tensor; ``layer`` is the IR node producing it (null for the graph input). Tensors
+    calibrated here (min-max) carry the images, data hash and observed range; tensors whose threshold came
+    from a scale file, a quantized net or the softmax rule leave those null."""
+    producer = {t: n.name for n in exp.graph.nodes for t in n.outputs}
+    sf = ScaleFile(exp.name, exp.fingerprint, "tengine", f"deployq {deployq.__version__} export-tengine")
+    for r in exp.scales:
+        prov = {}
+        if r.source.startswith("calibration"):
+            amax = max(abs(r.lo), abs(r.hi))
+            prov = {"samples": exp.calib_samples, "data_hash": exp.calib_hash, "observed_min": float(r.lo),
+                    "observed_max": float(r.hi), "clipped_share": 0.0 if r.threshold >= amax else None}
+        sf.tensors[r.tensor] = TensorRange.on_grid(producer.get(r.tensor), "activation", r.tensor, r.source,
+                                                   float(r.threshold), float(r.lo), float(r.hi), TENGINE_GRID,
+                                                   **prov)
+    for k, s in exp.weight_steps.items():
+        sf.layers[k] = {"quantized": True, "weight_bits": 8, "weight_granularity": "channel",
+                        "weight_step": [float(v) for v in s]}
+    return sf.validate()
+
+
 def scale_file_dict(exp: TengineExport) -> dict:
-    """deployq's scale file (docs/design.md) with one entry per Tengine tensor."""
-    tensors = {r.tensor: {"tensor": r.tensor, "kind": "activation", "method": r.source,
-                          "threshold": r.threshold, "lo": r.lo, "hi": r.hi, "bits": 8, "signed": True,
-                          "zero_point": 0, "step": r.step,
-                          "convention": "step = threshold / qmax (int -> float); Tengine scale = step"}
-               for r in exp.scales}
-    layers = {k: {"quantized": True, "weight_bits": 8, "weight_granularity": "channel",
-                  "weight_step": [float(v) for v in s]} for k, s in exp.weight_steps.items()}
-    model = {"name": exp.name, "fingerprint": exp.fingerprint}
-    return {"schema": "deployq.scales", "version": 1, "model": model,
-            "profile": "tengine", "producer": f"deployq {deployq.__version__} export-tengine", "qmax": QMAX,
-            "tensors": tensors, "layers": layers}
+    """:func:`scale_file` as a dict."""
+    return scale_file(exp).to_dict()
 
 
 def write(exp: TengineExport, out_dir: str | Path, name: str | None = None) -> list[Path]:
@@ -57,7 +74,7 @@ def write(exp: TengineExport, out_dir: str | Path, name: str | None = None) -> l
         params.update({f"aux:{k}": aux[k].astype("float32") for k in sym.list_auxiliary_states()})
         mx.nd.save(str(tmp / "params"), params)
         (tmp / "table").write_text(render_scale_table(exp))
-        (tmp / "scales").write_text(json.dumps(scale_file_dict(exp), indent=1, sort_keys=True) + "\n")
+        (tmp / "scales").write_text(scale_file(exp).to_json())
         for key, path in files.items():
             os.replace(tmp / key, path)
     finally:

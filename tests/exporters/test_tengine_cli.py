@@ -108,17 +108,33 @@ def _other_model_scales(js, ps):
     return "scale file is for model 'resnet20'"
 
 
+def _incomplete_scales(js, ps):
+    return r"s\.json: missing fields profile, producer"
+
+
+def _bad_field_scales(js, ps):
+    return r"s\.json: tensor 'data': field 'threshold' must be a number \(finite\), got 'x'"
+
+
 @pytest.mark.parametrize("breaker", [_unsupported, _truncated, _corrupt, _numpy_mode, _nan, _dead_channel,
-                                     _other_model_scales])
+                                     _other_model_scales, _incomplete_scales, _bad_field_scales])
 def test_bad_input(tmp_path, capsys, breaker):
     js, ps = _export_small(tmp_path)
     msg = breaker(js, ps)
     extra = []
-    if breaker is _other_model_scales:
-        scales = {"schema": "deployq.scales", "version": 1,
-                  "model": {"name": "resnet20", "fingerprint": "sha256:0123456789abcdef"}, "tensors": {}}
+    if breaker in (_other_model_scales, _incomplete_scales, _bad_field_scales):
+        # a valid scale file of this model (its own export), then broken; read with deployq's strict loader
+        assert _cli(js, ps, tmp_path / "ref", "--name", "m") == 0
+        scales = json.loads((tmp_path / "ref" / "m.scales.json").read_text())
+        if breaker is _other_model_scales:
+            scales["model"] = {"name": "resnet20", "fingerprint": "sha256:0123456789abcdef"}
+        elif breaker is _incomplete_scales:
+            del scales["profile"], scales["producer"]
+        else:
+            scales["tensors"]["data"]["threshold"] = "x"
         (tmp_path / "s.json").write_text(json.dumps(scales))
         extra = ["--scales", str(tmp_path / "s.json")]
+        capsys.readouterr()
     out = tmp_path / "out"
     assert _cli(js, ps, out, *extra) == 2
     err = capsys.readouterr().err
