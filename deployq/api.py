@@ -13,9 +13,18 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from .blocks import ALGORITHMS, QUANT_TYPES, BypassBatchNorm, is_quant_block
+from .blocks import (
+    ALGORITHMS,
+    QUANT_TYPES,
+    BypassBatchNorm,
+    OutputQuantizer,
+    can_quantize_output,
+    is_output_quantizer,
+    is_quant_block,
+    with_output_quantizer,
+)
 from .config import LayerConfig, resolve
-from .naming import block_paths, prefix_map, structure_fingerprint
+from .naming import block_paths, node_path, prefix_map, structure_fingerprint
 from .profiles import Profile, load_profile
 
 
@@ -67,6 +76,142 @@ def conv_bn_pairs(net: gluon.HybridBlock) -> dict[str, str]:
     return pairs
 
 
+def output_points(net: gluon.HybridBlock, folded: dict[str, str]) -> dict[str, bool]:
+    """The layers that get an output quantization point under ``quantize_outputs: non_layer_consumers``, by
+    topology: layer path -> whether the point lies after the ReLU that follows the layer.
+
+    A layer's output tensor is its Conv2D/Dense output (after its own activation), followed through the
+    BatchNorm folded into it (``folded``: conv path -> BatchNorm path) and through a ReLU that only it feeds
+    (so that ``Conv -> ReLU -> Q`` is what an engine fuses). A layer qualifies when that tensor has a consumer
+    other than a Conv2D/Dense layer (Add, pooling, concat, ...); the graph output does not count. A layer
+    followed by a BatchNorm that is not folded gets none (the point would lie between the two)."""
+    graph = json.loads(trace_symbol(net).tojson())
+    nodes, heads = graph["nodes"], {h[0] for h in graph["heads"]}
+    consumers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for src, *_ in n["inputs"]:
+            consumers.setdefault(src, []).append(i)
+    pm, paths = prefix_map(net), block_paths(net)
+
+    def layer_of(n: dict[str, Any]) -> str | None:
+        if n["op"] not in ("Convolution", "FullyConnected") or not n["name"].endswith("fwd"):
+            return None
+        path = pm.get(n["name"][: -len("fwd")])
+        return path if path and _float_type(paths[path]) is not None else None
+
+    def sole(i: int, op: str) -> int | None:
+        cs = consumers.get(i, [])
+        return cs[0] if len(cs) == 1 and i not in heads and nodes[cs[0]]["op"] == op else None
+
+    out: dict[str, bool] = {}
+    for i, n in enumerate(nodes):
+        path = layer_of(n)
+        if path is None:
+            continue
+        t, relu = i, False
+        if getattr(paths[path], "act", None) is not None:
+            t = sole(t, "Activation")  # the layer's own activation ends the layer
+            if t is None:
+                continue
+        else:
+            bn = sole(t, "BatchNorm")
+            if bn is not None:
+                if path not in folded:
+                    continue
+                t = bn
+            act = sole(t, "Activation")
+            if act is not None and nodes[act].get("attrs", {}).get("act_type") == "relu":
+                t, relu = act, True
+        if any(layer_of(nodes[c]) is None for c in consumers.get(t, [])):
+            out[path] = relu
+    return out
+
+
+_ADD_OPS = ("elemwise_add", "broadcast_add", "_Plus", "_plus")
+
+
+def block_output_points(net: gluon.HybridBlock) -> dict[str, str]:
+    """The blocks whose output gets a quantization point under ``quantize_outputs: non_layer_consumers``:
+    block path -> symbol node name of that output. A block qualifies when its output is an elementwise Add
+    (through a ReLU only it feeds), typically a residual block's ``relu(body(x) + shortcut)``, read by
+    something other than a Conv2D/Dense layer (the next block's shortcut Add, pooling; not the graph output),
+    and when :func:`deployq.blocks.can_quantize_output` applies to it; of the blocks ending in one tensor, the
+    innermost. Quantizing that tensor once lets an engine run those Adds on integers (QLinearAdd), as it runs
+    the layers whose outputs feed them (see :func:`output_points`)."""
+    paths = block_paths(net)
+    seen: dict[str, Any] = {}
+
+    def record(path: str):
+        def hook(_blk, _inputs, output):
+            seen[path] = output
+        return hook
+
+    handles = [b.register_forward_hook(record(p)) for p, b in paths.items() if p and can_quantize_output(b)]
+    try:
+        graph = json.loads(trace_symbol(net).tojson())
+    finally:
+        for h in handles:
+            h.detach()
+    nodes, heads = graph["nodes"], {h[0] for h in graph["heads"]}
+    index = {n["name"]: i for i, n in enumerate(nodes)}
+    consumers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for src, *_ in n["inputs"]:
+            consumers.setdefault(src, []).append(i)
+    pm = prefix_map(net)
+
+    def is_layer(n: dict[str, Any]) -> bool:
+        if n["op"] not in ("Convolution", "FullyConnected") or not n["name"].endswith("fwd"):
+            return False
+        path = pm.get(n["name"][: -len("fwd")])
+        return bool(path) and _float_type(paths[path]) is not None
+
+    best: dict[int, str] = {}
+    for path, out in seen.items():
+        if not isinstance(out, mx.sym.Symbol) or len(out.list_outputs()) != 1 or out.name not in index:
+            continue
+        i = index[out.name]
+        j = i
+        if nodes[i]["op"] == "Activation" and nodes[i].get("attrs", {}).get("act_type") == "relu":
+            j = nodes[i]["inputs"][0][0]
+            if consumers.get(j) != [i] or j in heads:
+                continue
+        if nodes[j]["op"] not in _ADD_OPS:
+            continue
+        if not any(not is_layer(nodes[c]) for c in consumers.get(i, [])):
+            continue
+        if i not in best or path.count(".") > best[i].count("."):
+            best[i] = path
+    return {path: nodes[i]["name"] for i, path in best.items()}
+
+
+def output_quantizers(net: gluon.Block) -> OrderedDict[str, OutputQuantizer]:
+    """The block output quantizers of ``net`` (:func:`block_output_points`) by the path of their block."""
+    return OrderedDict((p.rpartition(".")[0], b) for p, b in block_paths(net).items() if is_output_quantizer(b))
+
+
+def _add_output_quantizers(net: gluon.HybridBlock, points: dict[str, str], cfgs: dict[str, LayerConfig],
+                           prof: Profile, algorithm: str, momentum: float) -> None:
+    """Give each block of ``points`` its :class:`OutputQuantizer`, on the output grid (and with the input mode
+    and start step) of the first layer inside it whose output is quantized; a block without one gets none."""
+    from dataclasses import replace
+
+    pm = prefix_map(net)
+    tensors = {path: node_path(name, pm) for path, name in points.items()}
+    for bpath in sorted(points, key=lambda p: -p.count(".")):  # innermost first
+        paths = block_paths(net)
+        inner = [c for p, c in cfgs.items() if p.startswith(bpath + ".") and c.output is not None and c.quantized]
+        if not inner:
+            continue
+        ref = inner[0]
+        qcfg = replace(ref, name=bpath, op_type=type(paths[bpath]).__name__, weight=None, input=None,
+                       fake_bn=False, output_relu=False)
+        ctx = paths[ref.name].weight.list_ctx()
+        with paths[bpath].name_scope():
+            q = OutputQuantizer(qcfg, prof, algorithm, momentum, tensors[bpath], ctx=ctx)
+        _replace_child(*_parent_of(paths, bpath), with_output_quantizer(paths[bpath], q))
+
+
 def _clear_cache(net: gluon.Block) -> None:
     blocks = list(block_paths(net).values())
     _plain_storage(*net.collect_params().values())
@@ -96,7 +241,10 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
     Args:
         net: a Gluon HybridBlock (a gluoncv model or your own), initialised with known shapes.
         config_list: which layers and how (see ``deployq.config``); default: weights and inputs of every
-            Conv2D and Dense on the profile's grid.
+            Conv2D and Dense on the profile's grid, plus the outputs the profile's ``quantize_outputs`` picks
+            (``onnx``: the layer outputs of :func:`output_points` and the block outputs of
+            :func:`block_output_points`; not with ``bnn``). An output quantizes once its range is set (by
+            training or ``deployq.layerwise.calibrate_minmax``/``calibrate_outputs``); until then it stays float.
         profile: ``ncnn``, ``tengine``, ``onnx``, ``custom`` or a Profile: the engine's integer grid, rounding
             and scale convention, used by the simulation and by training.
         algorithm: ``naive``, ``qat``, ``dorefa``, ``lsq``, ``bnn`` or ``observer``.
@@ -117,9 +265,16 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
         depthwise = t is nn.Conv2D and groups > 1 and groups == int(b._channels)
         layers[path] = (t.__name__, depthwise)
     cfgs = resolve(config_list, layers, prof)
+    pairs = conv_bn_pairs(net) if any(c.fake_bn and c.weight is not None for c in cfgs.values()) else {}
+    if prof.quantize_outputs == "non_layer_consumers" and algorithm != "bnn":
+        folded = {p: b for p, b in pairs.items() if cfgs[p].quantized and cfgs[p].fake_bn
+                  and cfgs[p].weight is not None}
+        cfgs = resolve(config_list, layers, prof, output_points(net, folded))
+        block_points = block_output_points(net)
+    else:
+        block_points = {}
     if prof.winograd_3x3 == "six_bit":
         cfgs = {k: _six_bit(c, paths[k]) for k, c in cfgs.items()}
-    pairs = conv_bn_pairs(net) if any(c.fake_bn and c.weight is not None for c in cfgs.values()) else {}
     for path, cfg in cfgs.items():
         if not cfg.quantized:
             continue
@@ -130,6 +285,7 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
         _replace_child(*_parent_of(paths, path), q)
         if bn is not None:
             _replace_child(*_parent_of(paths, bn_path), BypassBatchNorm.from_float(bn))
+    _add_output_quantizers(net, block_points, cfgs, prof, algorithm, ema_momentum)
     net._deployq = {"profile": prof.name, "algorithm": algorithm, "config_list": config_list,
                     "ema_momentum": ema_momentum}
     _clear_cache(net)
@@ -157,11 +313,12 @@ def quant_layers(net: gluon.Block) -> OrderedDict[str, gluon.Block]:
 def float_mode(net: gluon.Block):
     """Within this context the quantized net computes exactly its original fp32 graph."""
     blocks = list(block_paths(net).values())
-    saved = [(b, b._dq_float) for b in blocks if is_quant_block(b)]
+    saved = [(b, b._dq_float) for b in blocks if is_quant_block(b) or is_output_quantizer(b)]
     bns = [b for b in blocks if isinstance(b, BypassBatchNorm)]
     for b, _ in saved:
         b._dq_float = True
-        b.sync_batchnorm()
+        if is_quant_block(b):
+            b.sync_batchnorm()
     for b in bns:
         b._dq_bypass = False
     _clear_cache(net)
@@ -179,7 +336,7 @@ def use_native(net: gluon.Block, enabled: bool | None = True) -> gluon.Block:
     """Compute the quantized layers with deployq's fused operators (``deployq.native``; the default where they
     load) or, with ``enabled=False``, with plain MXNet operators: identical results, slower training, and a
     symbol from ``net.export`` that loads in an MXNet without deployq. Returns ``net``."""
-    for b in quant_layers(net).values():
+    for b in [*quant_layers(net).values(), *output_quantizers(net).values()]:
         b.use_native = None if enabled else False
     _clear_cache(net)
     return net
@@ -203,10 +360,15 @@ def describe(net: gluon.Block) -> str:
     for path, b in block_paths(net).items():
         if is_quant_block(b):
             c = b.layer_config
-            rows.append((path, c.op_type, _grid_text(c.weight), _grid_text(c.input), _grid_text(c.output),
+            out = _grid_text(c.output) + (" after ReLU" if c.output_relu else "")
+            rows.append((path, c.op_type, _grid_text(c.weight), _grid_text(c.input), out,
                          c.input_mode, b.bn_path or "-", str(c.quant_start_step), str(c.entry)))
         elif _float_type(b) is not None and path:
             rows.append((path, _float_type(b).__name__, "fp32", "fp32", "-", "-", "-", "-", "excluded"))
+        elif is_output_quantizer(b):
+            c = b.layer_config
+            rows.append((path, f"{c.op_type} output", "-", "-", _grid_text(c.output), c.input_mode, "-",
+                         str(c.quant_start_step), "profile"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     info = getattr(net, "_deployq", None)
@@ -311,7 +473,10 @@ def load(path: str | os.PathLike, net: gluon.HybridBlock | None = None,
         net.initialize(ctx=ctx, force_reinit=False)
         net(mx.nd.zeros(tuple(meta["input_shape"]), ctx=ctx))
     quantize(net, meta["config_list"], meta["profile"], meta["algorithm"], meta["ema_momentum"])
-    net.load_parameters(str(params), ctx=ctx)
+    # a net saved before its profile quantized outputs lacks their state: those outputs stay unquantized
+    missing = set(net._collect_params_with_prefix()) - set(mx.nd.load(str(params)))
+    optional = all(k.rpartition(".")[2].startswith("output_state") for k in missing)
+    net.load_parameters(str(params), ctx=ctx, allow_missing=bool(missing) and optional)
     if meta.get("calibration"):
         net._deployq["calibration"] = meta["calibration"]  # where calibrated ranges came from (export_scales)
     return net

@@ -6,7 +6,9 @@ Each quantized layer keeps the original parameters (same structural names) and a
 - ``input_state`` ``[lo, hi, initialized, steps]``: the tracked input range (moving average initialised from the
   first training batch, updated automatically in training) and the number of training steps seen (for
   ``quant_start_step``);
-- ``output_state`` when outputs are quantized; ``weight_lsq_step`` / ``input_lsq_step`` for LSQ.
+- ``output_state`` when outputs are quantized (after the layer's own activation, or after the ReLU that follows
+  it when ``layer_config.output_relu``: the layer then applies that ReLU itself); an output range never trained
+  nor calibrated leaves the output unquantized in inference; ``weight_lsq_step`` / ``input_lsq_step`` for LSQ.
 
 Weights are quantized after BatchNorm folding when the layer trains with fake BN (running statistics, the
 BatchNorm's own eps; batch statistics of the raw, unfolded convolution update the running statistics).
@@ -88,7 +90,138 @@ def _reduce_absmax(F, w, granularity: str, groups: int, out_channels: int, ndim:
     return F.reshape(F.max(F.reshape(a, (0, -1)), axis=1), (-1,) + (1,) * (ndim - 1))
 
 
-class _QuantMixin:
+class _ActivationQuant:
+    """Range tracking and fake quantization of one activation tensor (a layer's input or output, a block's
+    output), shared by the quantized layers and :class:`OutputQuantizer`. Needs ``layer_config``
+    (``input_mode``, ``quant_start_step``, ``output``), ``profile``, ``algorithm`` and ``_dq_momentum``."""
+
+    layer_config: LayerConfig
+    profile: Profile
+    algorithm: str
+
+    def _add_param(self, name: str, shape: tuple[int, ...], init, **kw):
+        prm = self.params.get(name, shape=shape, init=init, **kw)
+        setattr(self, name, prm)
+        return prm
+
+    # ------------------------------------------------------------------ activations
+    def _quant_activation(self, F, x, state, scratch, anchor, grid: TensorGrid | None, lsq_step=None):
+        """Track the range of ``x`` and fake-quantize it; returns (x̂, steps_before, is_train)."""
+        bl = F.cast(F.BlockGrad(F.reshape(F.min(x), (1,))), "float64")
+        bh = F.cast(F.BlockGrad(F.reshape(F.max(x), (1,))), "float64")
+        old_lo, old_hi = F.slice_axis(state, axis=0, begin=0, end=1), F.slice_axis(state, axis=0, begin=1, end=2)
+        init = F.slice_axis(state, axis=0, begin=2, end=3) > 0.5
+        steps = F.slice_axis(state, axis=0, begin=3, end=4)
+        if self.algorithm == "observer":
+            new_lo, new_hi = F.minimum(old_lo, bl), F.maximum(old_hi, bh)
+        else:
+            m = self._dq_momentum
+            new_lo, new_hi = m * old_lo + (1 - m) * bl, m * old_hi + (1 - m) * bh
+        new_lo, new_hi = F.where(init, new_lo, bl), F.where(init, new_hi, bh)
+        pin = _assign(F, state, F.concat(new_lo, new_hi, F.ones_like(bl), steps + 1, dim=0), scratch, anchor)
+        is_train = _is_train(F, bl)
+        lo = F.cast(F.where(is_train, new_lo, F.where(init, old_lo, bl)), "float32")
+        hi = F.cast(F.where(is_train, new_hi, F.where(init, old_hi, bh)), "float32")
+        steps, is_train = F.cast(steps, "float32"), F.cast(is_train, "float32")
+        bl, bh = F.cast(bl, "float32"), F.cast(bh, "float32")
+        self._pins.append(pin)
+        if grid is None:
+            return x, steps, is_train
+        if self.layer_config.input_mode == "online":
+            lo, hi = F.BlockGrad(bl), F.BlockGrad(bh)
+        self._dq_range = (lo, hi)  # the range this forward quantizes with (int32 bias grid)
+        prof = self.profile
+        if self.algorithm == "bnn":
+            c = F.clip(x, -1.0, 1.0)
+            return c + F.BlockGrad(F.where(x >= 0, F.ones_like(x), -F.ones_like(x)) - c), steps, is_train
+        if grid.symmetric:
+            if grid.signed:
+                thr = F.maximum(F.abs(lo), F.abs(hi))
+            else:
+                thr = F.relu(hi)
+            if lsq_step is not None:
+                s0 = F.BlockGrad(scale_from_threshold(F, thr, grid.qmax, "step"))
+                s = F.where(lsq_step > 0, lsq_step, s0)
+                g = F.rsqrt(grid.qmax * F.cast(F.size_array(x), "float32"))
+                s = F.broadcast_mul(s, g) + F.BlockGrad(s - F.broadcast_mul(s, g))
+                xq = fake_quantize(F, x, s, grid.qmin, grid.qmax, None, prof.rounding, "step")
+            else:
+                scale = scale_from_threshold(F, thr, grid.qmax, prof.scale_convention)
+                xq = fake_quantize(F, x, scale, grid.qmin, grid.qmax, None, prof.rounding,
+                                   prof.scale_convention, mask_clipped=self.algorithm != "naive")
+        else:
+            lo0, hi0 = F.minimum(lo, F.zeros_like(lo)), F.maximum(hi, F.zeros_like(hi))
+            span = hi0 - lo0
+            step = F.where(span > 0, span, F.ones_like(span)) / (grid.qmax - grid.qmin)
+            zp = F.clip(F.round(grid.qmin - lo0 / step), grid.qmin, grid.qmax)
+            xq = fake_quantize(F, x, step, grid.qmin, grid.qmax, zp, prof.rounding, "step",
+                               mask_clipped=self.algorithm != "naive")
+        return xq, steps, is_train
+
+    # ------------------------------------------------------------------ fused operators (deployq.native)
+    @property
+    def use_native(self) -> bool | None:
+        """Use the fused operators of ``deployq.native`` (None: when they load; False: MXNet operators)."""
+        return self._dq_use_native
+
+    @use_native.setter
+    def use_native(self, value: bool | None) -> None:
+        self._dq_use_native = value
+        # the MXNet-operator formulation keeps its state updates on the gradient path through the anchors;
+        # the fused operators update state themselves, and an anchor without gradient would be a stale one
+        req = "null" if self._native() else "write"
+        for name, prm in self._reg_params.items():
+            if name.endswith("_anchor"):
+                prm.grad_req = req
+
+    def _native(self) -> bool:
+        return self._dq_use_native is not False and self.algorithm in NATIVE_ALGORITHMS and native.available()
+
+    def _native_activation(self, F, x, state, grid: TensorGrid | None, is_train):
+        """(x̂, gate): ``dq_act_quant`` tracks the range of ``x`` and fake-quantizes it; ``gate`` (1,) is 1 where
+        the weights are quantized too (after ``quant_start_step``, and not while an observer trains)."""
+        prof = self.profile
+        kw = dict(quant=0, qmin=-127, qmax=127)
+        if grid is not None:
+            kw = dict(quant=1 if grid.symmetric else 2, signed=int(grid.signed), qmin=grid.qmin, qmax=grid.qmax)
+        y, used = F.dq_act_quant(x, state, is_train, rounding=prof.rounding, convention=prof.scale_convention,
+                                 momentum=repr(float(self._dq_momentum)), observer=int(self.algorithm == "observer"),
+                                 online=int(self.layer_config.input_mode == "online"),
+                                 mask_clipped=int(self.algorithm != "naive"),
+                                 start_step=self.layer_config.quant_start_step, **kw)
+        used = F.BlockGrad(used)  # read-only bookkeeping: no gradient flows into it
+        self._dq_range = (F.slice_axis(used, axis=0, begin=0, end=1), F.slice_axis(used, axis=0, begin=1, end=2))
+        return y, F.slice_axis(used, axis=0, begin=3, end=4)
+
+    def _known_output(self, F, yq, y, state, is_train):
+        """``yq`` (the quantized output) in a training forward or when the output range is set (trained or
+        calibrated), else ``y``: an output point without a range is not applied, and exporters write none
+        there. Selection by 0/1 weights, exact in float32."""
+        init = F.cast(F.slice_axis(state, axis=0, begin=2, end=3) > 0.5, "float32")
+        keep = F.broadcast_maximum(init, is_train)
+        return F.broadcast_mul(keep, yq) + F.broadcast_mul(1 - keep, y)
+
+
+    def output_range(self) -> tuple[float, float] | None:
+        """The output range (lo, hi) the simulation quantizes the output with; None when the layer has no
+        output grid or its range was never trained nor calibrated (then the output is not quantized)."""
+        if self.layer_config.output is None:
+            return None
+        st = self.output_state.data().asnumpy()
+        if st[2] <= 0.5:
+            return None
+        return float(np.float32(st[0])), float(np.float32(st[1]))
+
+    def set_output_range(self, lo: float, hi: float) -> None:
+        """Set a calibrated output range (marks it initialised; keeps its step count)."""
+        if self.layer_config.output is None:
+            raise ValueError(f"layer {self.layer_config.name}: its output is not quantized")
+        for arr in self.output_state.list_data():
+            st = arr.asnumpy()
+            arr[:] = mx.nd.array([lo, hi, 1.0, st[3]], ctx=arr.context, dtype=arr.dtype)
+
+
+class _QuantMixin(_ActivationQuant):
     """The fake-quantized forward shared by QuantConv2D and QuantDense."""
 
     layer_config: LayerConfig
@@ -144,11 +277,6 @@ class _QuantMixin:
             self.weight_lsq_step.initialize(ctx=ctx)
             self.weight_lsq_step.set_data(mx.nd.array(init))
 
-    def _add_param(self, name: str, shape: tuple[int, ...], init, **kw):
-        prm = self.params.get(name, shape=shape, init=init, **kw)
-        setattr(self, name, prm)
-        return prm
-
     # ------------------------------------------------------------------ properties used by the forward
     @property
     def _groups(self) -> int:
@@ -173,60 +301,6 @@ class _QuantMixin:
         else:
             m = a.reshape(w.shape[0], -1).mean(1)
         return (2 * m / math.sqrt(grid.qmax)).astype(np.float32)
-
-    # ------------------------------------------------------------------ activations
-    def _quant_activation(self, F, x, state, scratch, anchor, grid: TensorGrid | None, lsq_step=None):
-        """Track the range of ``x`` and fake-quantize it; returns (x̂, steps_before, is_train)."""
-        bl = F.cast(F.BlockGrad(F.reshape(F.min(x), (1,))), "float64")
-        bh = F.cast(F.BlockGrad(F.reshape(F.max(x), (1,))), "float64")
-        old_lo, old_hi = F.slice_axis(state, axis=0, begin=0, end=1), F.slice_axis(state, axis=0, begin=1, end=2)
-        init = F.slice_axis(state, axis=0, begin=2, end=3) > 0.5
-        steps = F.slice_axis(state, axis=0, begin=3, end=4)
-        if self.algorithm == "observer":
-            new_lo, new_hi = F.minimum(old_lo, bl), F.maximum(old_hi, bh)
-        else:
-            m = self._dq_momentum
-            new_lo, new_hi = m * old_lo + (1 - m) * bl, m * old_hi + (1 - m) * bh
-        new_lo, new_hi = F.where(init, new_lo, bl), F.where(init, new_hi, bh)
-        pin = _assign(F, state, F.concat(new_lo, new_hi, F.ones_like(bl), steps + 1, dim=0), scratch, anchor)
-        is_train = _is_train(F, bl)
-        lo = F.cast(F.where(is_train, new_lo, F.where(init, old_lo, bl)), "float32")
-        hi = F.cast(F.where(is_train, new_hi, F.where(init, old_hi, bh)), "float32")
-        steps, is_train = F.cast(steps, "float32"), F.cast(is_train, "float32")
-        bl, bh = F.cast(bl, "float32"), F.cast(bh, "float32")
-        self._pins.append(pin)
-        if grid is None:
-            return x, steps, is_train
-        if self.layer_config.input_mode == "online":
-            lo, hi = F.BlockGrad(bl), F.BlockGrad(bh)
-        self._dq_range = (lo, hi)  # the range this forward quantizes with (int32 bias grid)
-        prof = self.profile
-        if self.algorithm == "bnn":
-            c = F.clip(x, -1.0, 1.0)
-            return c + F.BlockGrad(F.where(x >= 0, F.ones_like(x), -F.ones_like(x)) - c), steps, is_train
-        if grid.symmetric:
-            if grid.signed:
-                thr = F.maximum(F.abs(lo), F.abs(hi))
-            else:
-                thr = F.relu(hi)
-            if lsq_step is not None:
-                s0 = F.BlockGrad(scale_from_threshold(F, thr, grid.qmax, "step"))
-                s = F.where(lsq_step > 0, lsq_step, s0)
-                g = F.rsqrt(grid.qmax * F.cast(F.size_array(x), "float32"))
-                s = F.broadcast_mul(s, g) + F.BlockGrad(s - F.broadcast_mul(s, g))
-                xq = fake_quantize(F, x, s, grid.qmin, grid.qmax, None, prof.rounding, "step")
-            else:
-                scale = scale_from_threshold(F, thr, grid.qmax, prof.scale_convention)
-                xq = fake_quantize(F, x, scale, grid.qmin, grid.qmax, None, prof.rounding,
-                                   prof.scale_convention, mask_clipped=self.algorithm != "naive")
-        else:
-            lo0, hi0 = F.minimum(lo, F.zeros_like(lo)), F.maximum(hi, F.zeros_like(hi))
-            span = hi0 - lo0
-            step = F.where(span > 0, span, F.ones_like(span)) / (grid.qmax - grid.qmin)
-            zp = F.clip(F.round(grid.qmin - lo0 / step), grid.qmin, grid.qmax)
-            xq = fake_quantize(F, x, step, grid.qmin, grid.qmax, zp, prof.rounding, "step",
-                               mask_clipped=self.algorithm != "naive")
-        return xq, steps, is_train
 
     # ------------------------------------------------------------------ weights
     def _quant_weight(self, F, w, p):
@@ -321,40 +395,6 @@ class _QuantMixin:
         return b + (delta if gate is None else F.broadcast_mul(gate, delta))
 
     # ------------------------------------------------------------------ fused operators (deployq.native)
-    @property
-    def use_native(self) -> bool | None:
-        """Use the fused operators of ``deployq.native`` (None: when they load; False: MXNet operators)."""
-        return self._dq_use_native
-
-    @use_native.setter
-    def use_native(self, value: bool | None) -> None:
-        self._dq_use_native = value
-        # the MXNet-operator formulation keeps its state updates on the gradient path through the anchors;
-        # the fused operators update state themselves, and an anchor without gradient would be a stale one
-        req = "null" if self._native() else "write"
-        for name, prm in self._reg_params.items():
-            if name.endswith("_anchor"):
-                prm.grad_req = req
-
-    def _native(self) -> bool:
-        return self._dq_use_native is not False and self.algorithm in NATIVE_ALGORITHMS and native.available()
-
-    def _native_activation(self, F, x, state, grid: TensorGrid | None, is_train):
-        """(x̂, gate): ``dq_act_quant`` tracks the range of ``x`` and fake-quantizes it; ``gate`` (1,) is 1 where
-        the weights are quantized too (after ``quant_start_step``, and not while an observer trains)."""
-        prof = self.profile
-        kw = dict(quant=0, qmin=-127, qmax=127)
-        if grid is not None:
-            kw = dict(quant=1 if grid.symmetric else 2, signed=int(grid.signed), qmin=grid.qmin, qmax=grid.qmax)
-        y, used = F.dq_act_quant(x, state, is_train, rounding=prof.rounding, convention=prof.scale_convention,
-                                 momentum=repr(float(self._dq_momentum)), observer=int(self.algorithm == "observer"),
-                                 online=int(self.layer_config.input_mode == "online"),
-                                 mask_clipped=int(self.algorithm != "naive"),
-                                 start_step=self.layer_config.quant_start_step, **kw)
-        used = F.BlockGrad(used)  # read-only bookkeeping: no gradient flows into it
-        self._dq_range = (F.slice_axis(used, axis=0, begin=0, end=1), F.slice_axis(used, axis=0, begin=1, end=2))
-        return y, F.slice_axis(used, axis=0, begin=3, end=4)
-
     def _native_weight(self, F, w, gate):
         grid = self.layer_config.weight
         if self.algorithm == "dorefa":
@@ -387,7 +427,10 @@ class _QuantMixin:
         if self.act is not None:
             out = self.act(out)
         if cfg.output is not None:
-            out, _ = self._native_activation(F, out, p["output_state"], cfg.output, is_train)
+            if cfg.output_relu:
+                out = F.Activation(out, act_type="relu")
+            yq, _ = self._native_activation(F, out, p["output_state"], cfg.output, is_train)
+            out = self._known_output(F, yq, out, p["output_state"], is_train)
         return out
 
     # ------------------------------------------------------------------ forward
@@ -428,10 +471,13 @@ class _QuantMixin:
         if self.act is not None:
             out = self.act(out)
         if cfg.output is not None:
+            if cfg.output_relu:
+                out = F.Activation(out, act_type="relu")
             self._pins = []
-            out, _, _ = self._quant_activation(F, out, p["output_state"], p["output_state_scratch"],
-                                               p["output_state_anchor"], cfg.output)
-            out = F.broadcast_add(out, self._pins[0])
+            yq, _, is_train = self._quant_activation(F, out, p["output_state"], p["output_state_scratch"],
+                                                     p["output_state_anchor"], cfg.output)
+            yq = F.broadcast_add(yq, self._pins[0])
+            out = self._known_output(F, yq, out, p["output_state"], is_train)
         return out
 
     def sync_batchnorm(self) -> None:
@@ -536,8 +582,85 @@ class QuantDense(_QuantMixin, nn.Dense):
                                 name="fwd")
 
 
+class OutputQuantizer(_ActivationQuant, nn.HybridBlock):
+    """Fake quantization of a block's output, e.g. a residual block's ``relu(body(x) + shortcut)``, so that every
+    reader of that tensor (the next block's convolution and its shortcut Add) reads it on one grid, as an engine
+    that runs the Add on integers does (onnxruntime's QLinearAdd). A child ``dq_output`` of that block, which
+    :func:`with_output_quantizer` makes apply it to the block's output. Identity in ``deployq.float_mode``, and
+    in inference while its range was never trained nor calibrated. ``tensor``: the quantized tensor's name in
+    the exporters' graph IR."""
+
+    def __init__(self, cfg: LayerConfig, profile: Profile, algorithm: str, momentum: float, tensor: str,
+                 ctx=None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.layer_config, self.profile, self.algorithm = cfg, profile, algorithm
+        self._dq_momentum = momentum
+        self._dq_float = False
+        self.tensor = tensor
+        with self.name_scope():
+            self._add_param("output_state", (4,), mx.init.Zero(), grad_req="null", differentiable=False,
+                            dtype="float64")
+            self._add_param("output_state_scratch", (4,), mx.init.Zero(), grad_req="null", differentiable=False,
+                            dtype="float64")
+            self._add_param("output_state_anchor", (4,), mx.init.One(), lr_mult=0.0, wd_mult=0.0, dtype="float64")
+        self.collect_params().initialize(ctx=ctx)
+        self.use_native = None
+
+    def hybrid_forward(self, F, x, output_state, output_state_scratch, output_state_anchor):
+        if self._dq_float:
+            return x
+        grid = self.layer_config.output
+        if self._native():
+            is_train = _is_train(F, F.cast(F.slice_axis(output_state, axis=0, begin=0, end=1), "float32"))
+            yq, _ = self._native_activation(F, x, output_state, grid, is_train)
+        else:
+            self._pins = []
+            yq, _, is_train = self._quant_activation(F, x, output_state, output_state_scratch, output_state_anchor,
+                                                     grid)
+            yq = F.broadcast_add(yq, self._pins[0])
+        return self._known_output(F, yq, x, output_state, is_train)
+
+
+class _OutputQuantHook:
+    """Mixed into a block's class by :func:`with_output_quantizer`: the block's output goes through its
+    ``dq_output`` child."""
+
+    def hybrid_forward(self, F, x, *args, **kwargs):
+        return self.dq_output(super().hybrid_forward(F, x, *args, **kwargs))
+
+
+_HOOKED: dict[type, type] = {}
+
+
+def can_quantize_output(blk: gluon.Block) -> bool:
+    """Whether :func:`with_output_quantizer` applies: a HybridBlock computing in its own ``hybrid_forward``
+    (containers such as HybridSequential, and blocks overriding ``forward``, are not)."""
+    cls = type(blk)
+    return (isinstance(blk, gluon.HybridBlock) and not isinstance(blk, nn.HybridSequential)
+            and cls.forward is gluon.HybridBlock.forward
+            and cls.hybrid_forward is not gluon.HybridBlock.hybrid_forward)
+
+
+def with_output_quantizer(blk: gluon.HybridBlock, quantizer: OutputQuantizer) -> gluon.HybridBlock:
+    """``blk`` (same state, parameters and children) with ``quantizer`` as child ``dq_output`` applied to its
+    output; the class is a subclass of ``blk``'s (same name) with :class:`_OutputQuantHook` mixed in."""
+    if not can_quantize_output(blk):
+        raise TypeError(f"{type(blk).__name__}: cannot hook its output (see can_quantize_output)")
+    cls = type(blk)
+    if cls not in _HOOKED:
+        _HOOKED[cls] = type(cls.__name__, (_OutputQuantHook, cls), {"__module__": cls.__module__})
+    new = _HOOKED[cls].__new__(_HOOKED[cls])
+    new.__dict__.update(blk.__dict__)
+    new.dq_output = quantizer
+    return new
+
+
 QUANT_TYPES: dict[type, type] = {nn.Conv2D: QuantConv2D, nn.Dense: QuantDense}
 
 
 def is_quant_block(b: gluon.Block) -> bool:
     return isinstance(b, _QuantMixin)
+
+
+def is_output_quantizer(b: gluon.Block) -> bool:
+    return isinstance(b, OutputQuantizer)

@@ -11,6 +11,10 @@ Keys: ``op_types``, ``op_names``, ``op_names_re``, ``exclude``, ``quant_types`` 
 (``per_tensor_symmetric``, ``per_group_symmetric``, ``per_channel_symmetric``, ``per_tensor_affine``; or per
 type), ``quant_start_step``, ``input_mode`` (``offline``: tracked range; ``online``: the current batch's range),
 ``fake_bn`` (fold a following BatchNorm during training; default: the profile's ``fold_bn``).
+
+A profile with ``quantize_outputs: non_layer_consumers`` (``onnx``) adds an output grid to the layers that
+``deployq.quantize`` finds by topology (see ``deployq.api.output_points``), on the grid ``quant_types``
+``output`` would give (the entry's ``quant_bits``/``quant_dtype``/``quant_scheme`` for ``output`` apply).
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class LayerConfig:
     quant_start_step: int = 0
     fake_bn: bool = False
     entry: int = -1
+    #: the output quantization point lies after the ReLU that follows the layer (through a folded BatchNorm):
+    #: the layer applies that ReLU itself before quantizing its output (the ReLU block then changes nothing)
+    output_relu: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -133,8 +140,11 @@ def _grid(d: dict[str, Any], qt: str, base: TensorGrid, i: int, depthwise: bool)
 
 
 def resolve(config_list: list[dict[str, Any]] | None, layers: dict[str, tuple[str, bool]],
-            profile: Profile) -> dict[str, LayerConfig]:
-    """Resolve the config for every layer. ``layers`` maps structural name -> (op type, is depthwise)."""
+            profile: Profile, auto_outputs: dict[str, bool] | None = None) -> dict[str, LayerConfig]:
+    """Resolve the config for every layer. ``layers`` maps structural name -> (op type, is depthwise).
+
+    ``auto_outputs`` (layer -> whether the point is after the following ReLU): layers that get an output grid
+    without asking for it, when their input and weights are quantized and their entry has no ``output``."""
     if config_list is None:
         config_list = [{"op_types": list(LAYER_TYPES), "quant_types": ["weight", "input"]}]
     validate(config_list, profile)
@@ -165,4 +175,9 @@ def resolve(config_list: list[dict[str, Any]] | None, layers: dict[str, tuple[st
             fake_bn=d.get("fake_bn", profile.fold_bn),
             entry=i,
         )
+        c = out[name]
+        if (auto_outputs and name in auto_outputs and c.output is None and c.input is not None
+                and c.weight is not None):
+            out[name] = replace(c, output=_grid(d, "output", profile.activation, i, depthwise),
+                                output_relu=bool(auto_outputs[name]))
     return out

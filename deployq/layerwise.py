@@ -1,5 +1,5 @@
 """Run a deployq-quantized Gluon net as simulated: logits and the output of every quantized layer; and
-min-max input ranges from fp32 activations (a small stand-in for ``deployq.calib``)."""
+min-max input (and output) ranges from fp32 activations (a small stand-in for ``deployq.calib``)."""
 
 from __future__ import annotations
 
@@ -72,21 +72,64 @@ def run_layers(net: gluon.HybridBlock, x: np.ndarray, layers: Iterable[str] | No
     return go()
 
 
-def calibrate_minmax(net: gluon.HybridBlock, x: np.ndarray, batch_size: int = 250) -> dict[str, tuple[float, float]]:
-    """Set every quantized layer's input range to the min/max of its fp32 input over ``x``; returns them."""
+def _output_points(net: gluon.HybridBlock, g) -> dict[str, tuple[object, str]]:
+    """Every quantized output: name -> (the layer or block output quantizer, its tensor in the IR ``g``)."""
+    from deployq.exporters.qattach import output_tensor
+
+    from .api import output_quantizers
+
+    out: dict[str, tuple[object, str]] = {
+        path: (blk, output_tensor(g, g.node(path), blk.layer_config.output_relu or blk.act is not None))
+        for path, blk in quant_layers(net).items() if blk.layer_config.output is not None}
+    for path, q in output_quantizers(net).items():
+        out[f"{path}:output"] = (q, g.resolve(q.tensor))
+    return out
+
+
+def _fp32_graph(net: gluon.HybridBlock, shape: tuple[int, ...]):
     from deployq.exporters.frontend import from_gluon
-    from deployq.exporters.mxnet_lower import run
     from deployq.exporters.passes import optimize
 
+    return optimize(from_gluon(net, (1, *shape)))
+
+
+def calibrate_minmax(net: gluon.HybridBlock, x: np.ndarray, batch_size: int = 250) -> dict[str, tuple[float, float]]:
+    """Set every quantized layer's input range to the min/max of its fp32 input over ``x``, and the range of
+    every quantized output (layer outputs, block outputs: the profile's ``quantize_outputs``, or ``quant_types``
+    ``output``) to the min/max of that fp32 tensor; returns the input ranges."""
+    from deployq.exporters.mxnet_lower import run
+
     layers = quant_layers(net)
-    g = optimize(from_gluon(net, (1, *x.shape[1:])))
+    g = _fp32_graph(net, x.shape[1:])
     inputs = {path: g.node(path).inputs[0] for path in layers}
-    acts = run(g, x, outputs=sorted(set(inputs.values())), batch_size=batch_size)
+    outputs = _output_points(net, g)
+    acts = run(g, x, outputs=sorted(set(inputs.values()) | {t for _, t in outputs.values()}), batch_size=batch_size)
     ranges = {}
     for path, blk in layers.items():
         a = acts[inputs[path]]
         ranges[path] = (float(a.min()), float(a.max()))
         blk.set_input_range(*ranges[path])
+    for blk, t in outputs.values():
+        blk.set_output_range(float(acts[t].min()), float(acts[t].max()))
+    return ranges
+
+
+def calibrate_outputs(net: gluon.HybridBlock, x: np.ndarray, batch_size: int = 250) -> dict[str, tuple[float, float]]:
+    """Set the range of every quantized output (layer outputs by layer path, block outputs as
+    ``<block>:output``) to the min/max of that fp32 tensor over ``x``, for nets whose input ranges come from
+    elsewhere (``deployq.calib.apply`` sets inputs only); returns them. An output range left unset is not
+    applied: the simulation and the exporters then keep that tensor in float."""
+    from deployq.exporters.mxnet_lower import run
+
+    g = _fp32_graph(net, x.shape[1:])
+    outputs = _output_points(net, g)
+    if not outputs:
+        return {}
+    acts = run(g, x, outputs=sorted({t for _, t in outputs.values()}), batch_size=batch_size)
+    ranges = {}
+    for name, (blk, t) in outputs.items():
+        ranges[name] = (float(acts[t].min()), float(acts[t].max()))
+        blk.set_output_range(*ranges[name])
     return ranges
 
 

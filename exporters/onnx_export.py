@@ -4,10 +4,14 @@ Run it on an optimized graph (BN folded) with ``attach_qnet``/``attach_scales`` 
 with ``attrs["wq"]`` gets its int8 codes as an int8 initializer and a per-channel ``DequantizeLinear``
 (axis 0, ``scale = step``, zero point 0); every node with ``attrs["iq"]`` gets ``QuantizeLinear`` +
 ``DequantizeLinear`` on its input (uint8 with ``zero_point`` for affine grids, int8 with zero point 0 for
-symmetric signed ones). Biases stay fp32, or with ``int32_bias`` (the profile's ``"bias": "int32"``) become int32
-codes on ``input_step * weight_step[c]`` with their own ``DequantizeLinear``: what onnxruntime's fused
-QLinearConv/QGemm add (its default optimizations quantize a float bias that way themselves). Nodes without
-records stay fp32, and ``quantize=False`` gives the plain fp32 model from the same code path.
+symmetric signed ones); every node with ``attrs["oq"]`` gets ``QuantizeLinear`` + ``DequantizeLinear`` on the
+tensor ``attrs["oq_tensor"]`` (its output, or the ReLU after it), which its consumers then read, so that
+onnxruntime fuses ``DQ -> Conv -> [Relu] -> Q`` into QLinearConv where the layer feeds no quantized layer (a
+consumer whose input grid is that same grid reads the pair directly). Biases stay fp32, or with
+``int32_bias`` (the profile's ``"bias": "int32"``) become int32 codes on ``input_step * weight_step[c]`` with
+their own ``DequantizeLinear``: what onnxruntime's fused QLinearConv/QGemm add (its default optimizations
+quantize a float bias that way themselves). Nodes without records stay fp32, and ``quantize=False`` gives the
+plain fp32 model from the same code path.
 
 Lowering is a registry (:data:`HANDLERS`, op -> function). Handlers *declare* what they need from the
 emitter (``ctx.act_input``, ``ctx.weight``, ``ctx.const``) and the emitter writes the nodes.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,11 @@ OPSET = 13
 BATCH_DIM = "N"
 
 
+def grid_key(q: InputQuant) -> tuple[float, int, bool]:
+    """What identifies an activation grid in the model: (float32 step, zero point, signed)."""
+    return float(np.float32(q.step)), int(q.zero_point), bool(q.signed)
+
+
 class OnnxContext:
     """The model under construction: nodes, initializers and the QDQ pairs already emitted (shared per
     tensor and grid so that two layers reading one tensor on one grid share one QuantizeLinear)."""
@@ -38,11 +48,18 @@ class OnnxContext:
         self.g, self.quantize, self.int32_bias = g, quantize, int32_bias
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
-        self._qdq: dict[tuple[str, float, int, bool], str] = {}
+        self._qdq: dict[tuple[str, float, int, bool], str] = {}  # (tensor, grid) -> its codes
+        self._oq: dict[str, tuple[str, tuple[float, int, bool]]] = {}  # dequantized layer output -> (codes, grid)
+        #: integer code tensors -> (grid, scale initializer, zero-point initializer)
+        self.codes: dict[str, tuple[tuple[float, int, bool], str, str]] = {}
+        self._dq: set[str] = set()
 
     def const(self, name: str, arr: np.ndarray) -> str:
         if name not in self.inits:
-            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+            # np.ascontiguousarray turns a 0-d array into shape (1,); onnxruntime fuses QDQ around Add and
+            # pooling (QLinearAdd, QLinearGlobalAveragePool) only with scalar scales and zero points
+            a = np.asarray(arr)
+            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(a) if a.ndim else a, name)
         return name
 
     def emit(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
@@ -50,25 +67,53 @@ class OnnxContext:
 
     def act_input(self, node: Node, tensor: str) -> str:
         """``tensor`` as the quantized layer ``node`` reads it: through its own QDQ pair when it has an input
-        grid (``attrs['iq']``), else unchanged."""
+        grid (``attrs['iq']``), else unchanged. A tensor of integer codes (:meth:`quant_codes`) is dequantized;
+        a quantized layer output already on this grid is read as it is (quantizing again changes nothing)."""
+        if tensor in self.codes:
+            return self.dequant(tensor)
         iq: InputQuant | None = node.attrs.get("iq")
         if not self.quantize or iq is None:
             return tensor
-        key = (tensor, float(np.float32(iq.step)), int(iq.zero_point), bool(iq.signed))
-        if key in self._qdq:
-            return self._qdq[key]
-        k = sum(1 for t in self._qdq if t[0] == tensor)
-        base = f"{tensor}.q{k}" if k else f"{tensor}.q"
+        return self.dequant(self.quant_codes(node, tensor))
+
+    def quant_codes(self, node: Node, tensor: str) -> str:
+        """``tensor`` as integer codes on ``node``'s input grid: one QuantizeLinear per tensor and grid, shared
+        by the layers reading it; a quantized layer output on that grid gives its own codes."""
+        iq: InputQuant = node.attrs["iq"]
+        key = (tensor, *grid_key(iq))
+        if tensor in self._oq and self._oq[tensor][1] == key[1:]:
+            return self._oq[tensor][0]
+        if key not in self._qdq:
+            k = sum(1 for t in self._qdq if t[0] == tensor)
+            self._qdq[key] = self.quant(node, tensor, iq, f"{tensor}.q{k}" if k else f"{tensor}.q")
+        return self._qdq[key]
+
+    def quant(self, node: Node, tensor: str, iq: InputQuant, base: str) -> str:
+        """``QuantizeLinear`` of ``tensor`` on the grid ``iq``; returns the code tensor ``base``."""
         dtype = np.int8 if iq.signed else np.uint8
         if not (np.iinfo(dtype).min <= iq.qmin and iq.qmax <= np.iinfo(dtype).max):
-            raise ValueError(f"node {node.name}: input grid [{iq.qmin}, {iq.qmax}] does not fit ONNX "
+            raise ValueError(f"node {node.name}: activation grid [{iq.qmin}, {iq.qmax}] does not fit ONNX "
                              f"{np.dtype(dtype).name}")
         scale = self.const(f"{base}.step", np.array(iq.step, np.float32))
         zp = self.const(f"{base}.zero_point", np.array(iq.zero_point, dtype))
         self.emit("QuantizeLinear", [tensor, scale, zp], [base], name=f"{base}.QuantizeLinear")
-        out = f"{base}.dq"
-        self.emit("DequantizeLinear", [base, scale, zp], [out], name=f"{base}.DequantizeLinear")
-        self._qdq[key] = out
+        self.codes[base] = (grid_key(iq), scale, zp)
+        return base
+
+    def dequant(self, codes: str) -> str:
+        """``DequantizeLinear`` of the code tensor ``codes`` (one per code tensor); returns ``<codes>.dq``."""
+        out = f"{codes}.dq"
+        if out not in self._dq:
+            _, scale, zp = self.codes[codes]
+            self.emit("DequantizeLinear", [codes, scale, zp], [out], name=f"{codes}.DequantizeLinear")
+            self._dq.add(out)
+        return out
+
+    def output_qdq(self, node: Node, tensor: str, oq: InputQuant) -> str:
+        """The QDQ pair of a quantized layer output ``tensor``; its consumers read the returned tensor."""
+        codes = self.quant(node, tensor, oq, f"{tensor}.oq")
+        out = self.dequant(codes)
+        self._oq[out] = (codes, grid_key(oq))
         return out
 
     def weight(self, node: Node) -> str:
@@ -149,8 +194,13 @@ def _conv(ctx: OnnxContext, n: Node) -> None:
 def _fc(ctx: OnnxContext, n: Node) -> None:
     if not n.attrs["flatten"]:
         raise UnsupportedOpError(f"node {n.name}: op FullyConnected with flatten=False is not supported")
+    x = n.inputs[0]
+    if ctx.quantize and "iq" in n.attrs and x not in ctx.codes:
+        x = ctx.quant_codes(n, x)  # quantize, then flatten the codes (as _reshapes_on_codes)
     flat = f"{n.name}.flatten"
-    ctx.emit("Flatten", [n.inputs[0]], [flat], name=flat, axis=1)
+    ctx.emit("Flatten", [x], [flat], name=flat, axis=1)
+    if x in ctx.codes:
+        ctx.codes[flat] = ctx.codes[x]
     ctx.emit("Gemm", [ctx.act_input(n, flat), ctx.weight(n), *ctx.bias(n)], [n.output], name=n.name, transB=1)
 
 
@@ -251,6 +301,22 @@ def _softmax_act(ctx: OnnxContext, n: Node) -> None:
         ctx.emit("Softmax", [flat], [n.output], name=n.name, axis=1)
 
 
+def _reshapes_on_codes(g: Graph) -> dict[str, Node]:
+    """Flatten nodes that run on integer codes: node name -> the quantized Dense they feed. A Dense whose input
+    comes through Flatten nodes (each output read once) is quantized before them and dequantized right before
+    its Gemm (quantization is elementwise, so it commutes with a reshape): onnxruntime then sees
+    ``DQ -> Gemm`` (QGemm), and ``DQ -> GlobalAveragePool -> Q`` before it (QLinearGlobalAveragePool)."""
+    out: dict[str, Node] = {}
+    for n in g.nodes:
+        if n.op != "FullyConnected" or "iq" not in n.attrs:
+            continue
+        t = n.inputs[0]
+        while (p := g.producer(t)) is not None and p.op == "Flatten" and g.n_uses(t) == 1:
+            out[p.name] = n
+            t = p.inputs[0]
+    return out
+
+
 def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str = "deployq",
             int32_bias: bool = False) -> onnx.ModelProto:
     """The ONNX model of ``g`` (run ``passes.optimize`` first; quantization records from ``qattach``).
@@ -261,15 +327,28 @@ def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str =
     if opset < 13:
         raise ValueError(f"opset {opset}: deployq writes opset 13+ (per-channel DequantizeLinear needs 13)")
     ctx = OnnxContext(g, quantize, int32_bias)
+    # quantized layer outputs: tensor -> (layer node, grid); consumers read the dequantized tensor instead
+    oq = {n.attrs["oq_tensor"]: (n, n.attrs["oq"]) for n in g.nodes if quantize and "oq" in n.attrs}
+    reshapes = _reshapes_on_codes(g) if quantize else {}
+    renamed: dict[str, str] = {}
     for n in g.nodes:
         fn = HANDLERS.get(n.op)
         if fn is None:
             raise UnsupportedOpError(f"{g.name}: node {n.name!r}: op {n.op} has no ONNX lowering; supported ops: "
                                      f"{', '.join(sorted(HANDLERS))}")
-        fn(ctx, n)
+        ins = [renamed.get(t, t) for t in n.inputs]
+        layer = reshapes.get(n.name)
+        if layer is not None and ins[0] not in ctx.codes:
+            ins[0] = ctx.quant_codes(layer, ins[0])
+        fn(ctx, replace(n, inputs=ins) if ins != n.inputs else n)
+        if layer is not None:
+            ctx.codes[n.output] = ctx.codes[ins[0]]
+        for t in n.outputs:
+            if t in oq:
+                renamed[t] = ctx.output_qdq(oq[t][0], t, oq[t][1])
     shape = [BATCH_DIM, *g.input_shape[1:]]
     inp = helper.make_tensor_value_info(g.input_name, TensorProto.FLOAT, shape)
-    outs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in g.outputs]
+    outs = [helper.make_tensor_value_info(renamed.get(t, t), TensorProto.FLOAT, None) for t in g.outputs]
     graph = helper.make_graph(ctx.nodes, g.name, [inp], outs, initializer=list(ctx.inits.values()))
     model = helper.make_model(graph, producer_name=producer, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8  # onnxruntime >= 1.17 reads IR 8..10; 8 is the oldest with opset 13+ everywhere
@@ -306,8 +385,10 @@ def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
     Re-running gives byte-identical files.
     """
     import json
+    import warnings
 
     import deployq
+    import deployq.api
     from deployq.manifest import write_manifest
 
     from .frontend import from_gluon
@@ -319,6 +400,13 @@ def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
         raise ValueError("export_qnet needs a deployq-quantized net (deployq.quantize(net, profile='onnx'))")
     if int32_bias is None:
         int32_bias = any(getattr(blk.profile, "bias", "float") == "int32" for blk in layers.values())
+    unset = [p for p, b in layers.items() if b.layer_config.output is not None and b.output_range() is None]
+    unset += [f"{p} (block output)" for p, q in deployq.api.output_quantizers(qnet).items() if q.output_range() is None]
+    if unset:
+        warnings.warn(f"{len(unset)} quantized output(s) have no range (never trained nor calibrated: "
+                      f"{', '.join(unset[:4])}{', ...' if len(unset) > 4 else ''}); they stay float in the simulation "
+                      f"and get no QuantizeLinear, so onnxruntime cannot run the ops around them on integers. Set "
+                      f"them with deployq.layerwise.calibrate_outputs(qnet, images).", stacklevel=2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = optimize(from_gluon(qnet, input_shape, name=model_name))

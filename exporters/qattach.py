@@ -1,7 +1,13 @@
 """Attach the quantization of each Conv/Dense node to the IR, exactly as deployq simulated it.
 
 After ``passes.optimize`` (BN folded), every quantized node gets ``node.attrs["wq"]`` (:class:`WeightQuant`)
-and ``node.attrs["iq"]`` (:class:`InputQuant`, when its input is quantized). Two sources:
+and ``node.attrs["iq"]`` (:class:`InputQuant`, when its input is quantized); a layer whose output is quantized
+(with a trained or calibrated range) also gets ``node.attrs["oq"]`` (an :class:`InputQuant` record of the output
+grid) and ``node.attrs["oq_tensor"]`` (the tensor it quantizes: the node's output, or the output of the ReLU
+that follows it, see :func:`output_tensor`); so does the node producing a block output that the net quantizes
+(``deployq.api.output_quantizers``: a residual block's ``relu(body(x) + shortcut)``). Exporters that do not
+quantize outputs ignore these two.
+Two sources:
 
 - :func:`attach_qnet`: a deployq-quantized Gluon net. The folded weights and biases are replaced by the core's
   own (``blk.folded_weight_bias()``, the same MXNet ops as the simulation) so that integer codes are
@@ -101,9 +107,21 @@ def _set_weights(g: Graph, node, w: np.ndarray, b: np.ndarray) -> None:
     g.params[node.params["bias"]] = b.astype(np.float32)
 
 
+def output_tensor(g: Graph, node, after_activation: bool) -> str:
+    """The tensor a layer's output quantization applies to: ``node``'s output, or with ``after_activation``
+    the output of the activation fused after it (``passes.mark_fusable_activations``)."""
+    if not after_activation:
+        return node.output
+    act = [n for n in g.consumers(node.output) if n.attrs.get("fusable_into") == node.name]
+    if len(act) != 1:
+        raise GraphError(f"layer {node.name}: its output is quantized after its activation, but the graph has no "
+                         f"activation fused after it (run passes.optimize first)")
+    return act[0].output
+
+
 def attach_qnet(g: Graph, qnet: Any, check_tol: float = 1e-3) -> Graph:
     """Copy of ``g`` (already optimized) with the quantized net's exact folded weights, codes and input grids."""
-    from deployq.api import quant_layers
+    from deployq.api import output_quantizers, quant_layers
 
     g = g.copy()
     for path, blk in quant_layers(qnet).items():
@@ -136,7 +154,23 @@ def attach_qnet(g: Graph, qnet: Any, check_tol: float = 1e-3) -> Graph:
             lo, hi = blk.input_range()
             gi = cfg.input
             node.attrs["iq"] = _input_quant(lo, hi, gi.bits, gi.signed, gi.symmetric, gi.qmin, gi.qmax)
+        out_range = blk.output_range() if cfg.output is not None else None
+        if out_range is not None:
+            go = cfg.output
+            node.attrs["oq"] = _input_quant(*out_range, go.bits, go.signed, go.symmetric, go.qmin, go.qmax)
+            node.attrs["oq_tensor"] = output_tensor(g, node, cfg.output_relu or blk.act is not None)
         node.attrs["quant_layer"] = path
+    for path, q in output_quantizers(qnet).items():
+        out_range = q.output_range()
+        if out_range is None:
+            continue
+        t = g.resolve(q.tensor)
+        node = g.producer(t)
+        if node is None or "oq" in node.attrs:
+            raise GraphError(f"block {path}: its quantized output {q.tensor!r} is not a node output of the graph")
+        go = q.layer_config.output
+        node.attrs["oq"] = _input_quant(*out_range, go.bits, go.signed, go.symmetric, go.qmin, go.qmax)
+        node.attrs["oq_tensor"] = t
     return g
 
 

@@ -92,3 +92,63 @@ def test_inference_is_bit_identical_on_the_same_state(profile):
         ys.append(net(x).asnumpy())
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(ys[0], ys[2])
+
+
+class _Residual(gluon.HybridBlock):
+    """conv-BN-ReLU-conv-BN plus the input, then ReLU: a residual block whose output the onnx profile quantizes."""
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.body = gluon.nn.HybridSequential()
+            self.body.add(gluon.nn.Conv2D(channels, 3, padding=1, use_bias=False), gluon.nn.BatchNorm(),
+                          gluon.nn.Activation("relu"), gluon.nn.Conv2D(channels, 3, padding=1, use_bias=False),
+                          gluon.nn.BatchNorm())
+
+    def hybrid_forward(self, F, x):
+        return F.Activation(x + self.body(x), act_type="relu")
+
+
+def residual_net(seed=0):
+    mx.random.seed(seed)
+    net = gluon.nn.HybridSequential()
+    with net.name_scope():
+        net.add(gluon.nn.Conv2D(8, 3, padding=1, use_bias=False), gluon.nn.BatchNorm(), _Residual(8), _Residual(8),
+                gluon.nn.GlobalAvgPool2D(), gluon.nn.Dense(10))
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.random.normal(shape=(4, 3, 8, 8)))
+    return net
+
+
+def test_block_output_quantizer_fused_matches_mxnet_operators():
+    """The onnx profile quantizes the residual blocks' outputs (deployq.api.block_output_points) and the layer
+    outputs that feed them: training and inference agree between the fused and the MXNet-operator paths."""
+    runs = []
+    for native in (True, False):
+        net = residual_net(3)
+        deployq.quantize(net, profile="onnx")
+        assert list(deployq.api.output_quantizers(net)) == ["2", "3"]
+        deployq.use_native(net, native)
+        net.hybridize(static_alloc=True)
+        trainer = deployq.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05})
+        rng = np.random.default_rng(0)
+        outs = []
+        for _ in range(3):
+            x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+            with autograd.record():
+                out = net(x)
+                loss = gluon.loss.SoftmaxCrossEntropyLoss()(out, mx.nd.array(rng.integers(0, 10, 8)))
+            loss.backward()
+            outs.append(out.asnumpy())
+            trainer.step(8)
+        states = {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()
+                  if k.endswith("output_state")}
+        runs.append((outs, states, net(x).asnumpy()))
+    (a_outs, a_states, a_inf), (b_outs, b_states, b_inf) = runs
+    np.testing.assert_allclose(a_outs[0], b_outs[0], rtol=0, atol=1e-5)
+    assert a_states.keys() == b_states.keys()
+    assert {"0.output_state", "2.body.3.output_state", "2.dq_output.output_state"} <= set(a_states)
+    for k, st in b_states.items():
+        np.testing.assert_allclose(a_states[k], st, rtol=1e-4, atol=1e-6, err_msg=k)
+        assert a_states[k][2] == 1 and a_states[k][3] == 3
+    np.testing.assert_allclose(a_inf, b_inf, rtol=1e-3, atol=1e-2 * np.abs(b_inf).max())

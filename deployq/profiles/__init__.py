@@ -13,6 +13,12 @@ ROUNDINGS = ("half_away_from_zero", "half_to_even")
 #: (codes on the grid ``input_step * weight_step[c]``, round half to even, added to the int32 accumulator:
 #: onnxruntime's QLinearConv/QGemm, TFLite)
 BIAS_MODES = ("float", "int32")
+#: which quantized layers get an output quantization point automatically (``deployq.quantize``): ``none``, or
+#: ``non_layer_consumers``: a layer with quantized input and weights whose output (after a folded BatchNorm and
+#: a ReLU only it feeds) is read by something other than a Conv2D/Dense layer (Add, pooling, concat; the graph
+#: output does not count), so that an engine that fuses ``DQ -> Conv -> Q`` into an integer kernel
+#: (onnxruntime's QLinearConv) finds the Q it needs
+OUTPUT_MODES = ("none", "non_layer_consumers")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class Profile:
 
     ``bias`` (one of :data:`BIAS_MODES`) says whether the engine adds a quantized layer's bias in float or as
     int32 codes on the grid ``input_step * weight_step[c]``; exporters write it that way.
+
+    ``quantize_outputs`` (one of :data:`OUTPUT_MODES`) says which layers get an output quantization point
+    without asking for it in the config list.
     """
 
     name: str
@@ -62,6 +71,7 @@ class Profile:
     quantize_points: str = "layer_inputs"
     winograd_3x3: str = "ignore"
     bias: str = "float"
+    quantize_outputs: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_options(self, **changes: Any) -> Profile:
@@ -92,4 +102,6 @@ def load_profile(profile: str | Profile) -> Profile:
         raise ValueError(f"profile {profile}: rounding must be one of {ROUNDINGS}")
     if d.get("bias", "float") not in BIAS_MODES:
         raise ValueError(f"profile {profile}: bias must be one of {BIAS_MODES}")
+    if d.get("quantize_outputs", "none") not in OUTPUT_MODES:
+        raise ValueError(f"profile {profile}: quantize_outputs must be one of {OUTPUT_MODES}")
     return Profile(weight=w, activation=a, **d)

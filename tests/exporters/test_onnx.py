@@ -12,6 +12,7 @@ from deployq.exporters.ir import UnsupportedOpError
 from deployq.exporters.onnx_export import export_qnet, to_onnx
 
 import deployq
+from deployq.api import output_quantizers
 from deployq.data import load_mnist5k
 from deployq.layerwise import calibrate_minmax, output_step, run_layers
 from deployq.zoo import get_trained
@@ -87,6 +88,56 @@ def test_qdq_default_optimizations_match_simulation(exported):
     assert (y.argmax(1) == sim.argmax(1)).mean() == 1.0
     assert np.abs(y - sim).max() <= output_step(qnet), f"{name}: max {np.abs(y - sim).max() / output_step(qnet)}"
     assert np.abs(y - sim).mean() / output_step(qnet) < 0.01
+
+
+def ort_optimized_ops(path, tmp_path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs with its default optimizations."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "ort-optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for n in onnx.load(so.optimized_model_filepath).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return ops
+
+
+def test_ort_runs_the_qdq_model_on_integers(exported, tmp_path):
+    """quantize_outputs (onnx profile): every layer output read by a non-layer op, and every residual block output,
+    has a QuantizeLinear, so onnxruntime fuses every Conv into QLinearConv, every Add into QLinearAdd, the pooling
+    into QLinearGlobalAveragePool and the Dense into QGemm (its input quantized before the Flatten): one
+    QuantizeLinear at the input, no float compute op left."""
+    name, qnet, files, *_ = exported
+    ops = ort_optimized_ops(files["model"], tmp_path)
+    convs = sum(b.layer_config.op_type == "Conv2D" for b in deployq.quant_layers(qnet).values())
+    assert ops["QLinearConv"] == convs and ops["QGemm"] == 1 and ops["QLinearGlobalAveragePool"] == 1
+    assert ops.get("QLinearAdd", 0) == (9 if name == "resnet20" else 0)
+    assert ops["QuantizeLinear"] == 1 and "DequantizeLinear" not in ops
+    assert set(ops).isdisjoint({"Conv", "FusedConv", "Add", "Relu", "GlobalAveragePool", "Gemm"}), ops
+    m = onnx.load(str(files["model"]))
+    oq = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.output[0].endswith(".oq")]
+    n_out = sum(b.layer_config.output is not None for b in deployq.quant_layers(qnet).values())
+    assert len(oq) == n_out + len(output_quantizers(qnet)) > 0
+
+
+def test_unset_output_ranges_stay_float(tmp_path):
+    """Input ranges set, output ranges not (e.g. deployq.calib.apply): those outputs stay float in the simulation,
+    the export writes no QDQ there (and warns), and onnxruntime still computes what deployq simulated."""
+    probe = deployq.quantize(get_trained("resnet20", verbose=False), profile="onnx")
+    ranges = calibrate_minmax(probe, load_mnist5k("train").x[:200])
+    qnet = deployq.quantize(get_trained("resnet20", verbose=False), profile="onnx")
+    for path, blk in deployq.quant_layers(qnet).items():
+        blk.set_input_range(*ranges[path])
+    with pytest.warns(UserWarning, match="no range"):
+        files = export_qnet(qnet, tmp_path, "resnet20", fp32=False)
+    m = onnx.load(str(files["model"]))
+    assert not any(n.output[0].endswith(".oq") for n in m.graph.node)
+    x = load_mnist5k("test").x[:200]
+    sim, _ = run_layers(qnet, x)
+    for optimize in (False, True):
+        y = session(files["model"], optimize).run(None, {"data": x})[0]
+        assert (y.argmax(1) == sim.argmax(1)).all() and np.abs(y - sim).max() <= output_step(qnet)
 
 
 def test_int32_bias_same_in_both_ort_modes(exported, tmp_path):
