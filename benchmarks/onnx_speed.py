@@ -45,6 +45,8 @@ def session(path: Path, threads: int, optimized: Path | None = None) -> ort.Infe
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    # idle sessions must not keep their threads spinning: the interleaved sessions would compete for the cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -76,7 +78,7 @@ def latencies_ms(paths: dict[str, Path], x: np.ndarray, repeat: int, threads: in
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", nargs="*", default=["resnet20", "mobilenet0.25"])
-    ap.add_argument("--repeat", type=int, default=300, help="rounds at batch 1 (batch 32: a tenth, at least 20)")
+    ap.add_argument("--repeat", type=int, default=600, help="rounds at batch 1 (batch 32: a fifth, at least 30)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     args = ap.parse_args()
     calib = load_mnist5k("train").x[:256]
@@ -97,7 +99,7 @@ def main() -> None:
             for k in NAMES[:2]:
                 print(f"  onnxruntime runs ({k}): {fused_ops(paths[k], args.threads)}")
             for bs in (1, 32):
-                r = latencies_ms(paths, test[:bs], args.repeat if bs == 1 else max(20, args.repeat // 10),
+                r = latencies_ms(paths, test[:bs], args.repeat if bs == 1 else max(30, args.repeat // 5),
                                  args.threads)
                 t = {k: float(np.median(v)) for k, v in r.items()}
                 # ratios: the median of per-round ratios (the three runs of a round see the same machine load)
