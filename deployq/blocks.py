@@ -227,6 +227,9 @@ class _QuantMixin(_ActivationQuant):
     layer_config: LayerConfig
     profile: Profile
     algorithm: str
+    #: fake BN trains with batch statistics (output rescaled, weights folded with running statistics); False:
+    #: the folded conv alone (running statistics in training too, as Quantization.MXNet did)
+    fake_bn_correction: bool = True
 
     def _dq_init(self, cfg: LayerConfig, profile: Profile, algorithm: str, momentum: float,
                  bn: nn.BatchNorm | None, bn_path: str | None) -> None:
@@ -344,18 +347,38 @@ class _QuantMixin(_ActivationQuant):
         kw = self._dq_bn_kwargs
         y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
                           **{**self._kwargs, "no_bias": bias is None})
+        y = F.cast(F.BlockGrad(y), "float64")  # batch statistics in float64, as deployq.native computes them
         mean = F.mean(y, axis=(0, 2, 3))
         var = F.mean(F.square(F.broadcast_sub(y, F.reshape(mean, (1, -1, 1, 1)))), axis=(0, 2, 3))
         m = kw.get("momentum", 0.9)
         old_m, old_v = p["fakebn_mean"], p["fakebn_var"]
-        new_m = m * old_m + (1 - m) * F.cast(F.BlockGrad(mean), "float64")
-        new_v = m * old_v + (1 - m) * F.cast(F.BlockGrad(var), "float64")
+        new_m = m * old_m + (1 - m) * mean
+        new_v = m * old_v + (1 - m) * var
+        mean, var = F.cast(mean, "float32"), F.cast(var, "float32")
         self._pins.append(_assign(F, old_m, new_m, p["fakebn_mean_scratch"], p["fakebn_mean_anchor"]))
         self._pins.append(_assign(F, old_v, new_v, p["fakebn_var_scratch"], p["fakebn_var_anchor"]))
         is_train = _is_train(F, F.slice_axis(old_m, axis=0, begin=0, end=1))
         rm = F.broadcast_add(F.broadcast_mul(is_train, new_m - old_m), old_m)
-        rv = F.broadcast_add(F.broadcast_mul(is_train, new_v - old_v), old_v)
-        return self._fold_with(F, weight, bias, p, F.cast(rm, "float32"), F.cast(rv, "float32"))
+        rv = F.cast(F.broadcast_add(F.broadcast_mul(is_train, new_v - old_v), old_v), "float32")
+        self._dq_bn_batch = (rv, F.BlockGrad(mean), F.BlockGrad(var))
+        return self._fold_with(F, weight, bias, p, F.cast(rm, "float32"), rv)
+
+    def _bn_correct(self, F, out, b_used, bias, p, is_train):
+        """In training, rescale the output of the conv with BN-folded weights so that it equals BatchNorm with
+        the *batch* statistics (Krishnamoorthi 2018, §3.2): ``out * c + (b_B - b_used * c)`` with
+        ``c = sqrt(var_run + eps) / sqrt(var_B + eps)`` and ``b_B = beta + (b - mean_B) * gamma / sqrt(var_B + eps)``;
+        the weights stay quantized with the running statistics (what is deployed). ``c`` and the batch
+        statistics are constants for the gradient. In inference the output is returned unchanged (exactly)."""
+        kw = self._dq_bn_kwargs
+        rv, bm, bv = self._dq_bn_batch
+        eps = kw.get("eps", 1e-5)
+        gamma = F.ones_like(p["bn_gamma"]) if kw.get("fix_gamma", False) else p["bn_gamma"]
+        inv_b = F.rsqrt(bv + eps)
+        c = F.BlockGrad(F.sqrt(rv + eps) * inv_b)
+        b_b = p["bn_beta"] + (0 - bm if bias is None else bias - bm) * gamma * inv_b
+        shape = (1, -1, 1, 1)
+        corr = F.broadcast_add(F.broadcast_mul(out, F.reshape(c - 1, shape)), F.reshape(b_b - b_used * c, shape))
+        return out + F.broadcast_mul(corr, F.reshape(is_train, (1, 1, 1, 1)))
 
     def _fold_with(self, F, weight, bias, p, rm, rv):
         kw = self._dq_bn_kwargs
@@ -372,8 +395,9 @@ class _QuantMixin(_ActivationQuant):
                 and cfg.weight is not None and self.algorithm not in ("lsq", "bnn"))
 
     def _round_bias(self, F, b, w, lo, hi, gate=None):
-        """The bias on the grid ``input_step * weight_step[c]`` (round half to even in float32), as an engine
-        that adds int32 bias codes to its accumulator computes it (onnxruntime's QLinearConv); the gradient
+        """The bias on the grid ``input_step * weight_step[c]`` (float32, the profile's rounding), as an engine
+        that adds int32 bias codes to its accumulator computes it (onnxruntime's QLinearConv: half to even;
+        Tengine's quant tool: half away from zero); the gradient
         passes straight through. ``lo``/``hi``: the input range this forward quantizes with; ``gate`` (1,): 0
         where the layer computes in fp32 (before ``quant_start_step``, an observer in training)."""
         gi, gw = self.layer_config.input, self.layer_config.weight
@@ -390,7 +414,8 @@ class _QuantMixin(_ActivationQuant):
             amax = F.broadcast_like(amax, b)
         w_step = F.where(amax > 0, amax / gw.qmax, F.ones_like(amax))  # a dead channel: codes 0, step 1
         grid = F.BlockGrad(F.broadcast_mul(w_step, x_step))
-        q = round_half_even(F, F.broadcast_div(b, grid))
+        v = F.broadcast_div(b, grid)
+        q = round_half_even(F, v) if self.profile.rounding == "half_to_even" else F.round(v)
         delta = F.BlockGrad(F.broadcast_mul(q, grid) - b)
         return b + (delta if gate is None else F.broadcast_mul(gate, delta))
 
@@ -409,6 +434,7 @@ class _QuantMixin(_ActivationQuant):
         stats = F.dq_bn_stats(F.BlockGrad(y), p["fakebn_mean"], p["fakebn_var"], is_train,
                               momentum=repr(float(self._dq_bn_kwargs.get("momentum", 0.9))))
         rm, rv = F.BlockGrad(stats[0]), F.BlockGrad(stats[1])
+        self._dq_bn_batch = (rv, F.BlockGrad(stats[2]), F.BlockGrad(stats[3]))
         return self._fold_with(F, weight, bias, p, rm, rv)
 
     def _native_forward(self, F, x, weight, bias, p):
@@ -424,6 +450,8 @@ class _QuantMixin(_ActivationQuant):
         if b is not None and self._int32_bias():
             b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
         out = self._layer(F, xq, wq, b)
+        if self._dq_bn_kwargs is not None and self.fake_bn_correction:
+            out = self._bn_correct(F, out, b, bias, p, is_train)
         if self.act is not None:
             out = self.act(out)
         if cfg.output is not None:
@@ -468,6 +496,8 @@ class _QuantMixin(_ActivationQuant):
                 gate = 1 - is_train if gate is None else F.broadcast_mul(gate, 1 - is_train)
             b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
         out = self._layer(F, xq, wq, b)
+        if self._dq_bn_kwargs is not None and self.fake_bn_correction:
+            out = self._bn_correct(F, out, b, bias, p, is_train)
         if self.act is not None:
             out = self.act(out)
         if cfg.output is not None:

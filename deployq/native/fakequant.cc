@@ -6,7 +6,10 @@
 //
 //   dq_act_quant(x, state, is_train) -> (y, used)      range tracking + fake quantization of an activation
 //   dq_weight_quant(w, gate) -> wq                      per-layer / per-group / per-channel weight fake quant
-//   dq_bn_stats(y, mean, var, is_train) -> (rm, rv)     fake-BN batch statistics + running-statistics update
+//   dq_bn_stats(y, mean, var, is_train) -> (rm, rv, bm, bv)
+//                                                       fake-BN running-statistics update; rm/rv: the running
+//                                                       statistics after the update, bm/bv: the batch's (training)
+//                                                       or again the running ones (inference)
 //
 // Conventions: a "multiplier" scale gives q = round(x * scale) (ncnn, scale = qmax / threshold); a "step"
 // gives q = round(x / step) (MXNet, ONNX, Tengine, step = threshold / qmax). state = [lo, hi, initialised,
@@ -279,7 +282,7 @@ MXReturnValue w_backward(const Attrs&, std::vector<MXTensor>* in, std::vector<MX
 // ------------------------------------------------------------------ dq_bn_stats
 MXReturnValue bn_parse(const Attrs&, int* n_in, int* n_out) {
   *n_in = 4;
-  *n_out = 2;
+  *n_out = 4;
   return MX_SUCCESS;
 }
 MXReturnValue bn_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
@@ -287,8 +290,7 @@ MXReturnValue bn_type(const Attrs&, std::vector<int>* in, std::vector<int>* out)
     MX_ERROR_MSG << "dq_bn_stats: needs float32 data and float64 statistics";
     return MX_FAIL;
   }
-  (*out)[0] = kFloat32;
-  (*out)[1] = kFloat32;
+  for (auto& t : *out) t = kFloat32;
   return MX_SUCCESS;
 }
 MXReturnValue bn_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
@@ -297,8 +299,7 @@ MXReturnValue bn_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
     MX_ERROR_MSG << "dq_bn_stats: needs (N, C, ...) data";
     return MX_FAIL;
   }
-  (*out)[0] = {(*in)[0][1]};
-  (*out)[1] = {(*in)[0][1]};
+  for (auto& s : *out) s = {(*in)[0][1]};
   return MX_SUCCESS;
 }
 MXReturnValue bn_mutate(const Attrs&, std::vector<int>* idx) {
@@ -315,6 +316,8 @@ MXReturnValue bn_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vec
   const bool train = (*in)[3].data<float>()[0] != 0.0f;
   float* rm = (*out)[0].data<float>();
   float* rv = (*out)[1].data<float>();
+  float* bm = (*out)[2].data<float>();
+  float* bv = (*out)[3].data<float>();
   const int64_t batch = yt.shape[0], c = yt.shape[1];
   int64_t inner = 1;
   for (size_t d = 2; d < yt.shape.size(); ++d) inner *= yt.shape[d];
@@ -338,11 +341,17 @@ MXReturnValue bn_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vec
       }
       mean[k] = mean[k] * m + mu * (1.0 - m);
       var[k] = var[k] * m + (ss / count) * (1.0 - m);
+      bm[k] = static_cast<float>(mu);
+      bv[k] = static_cast<float>(ss / count);
     }
   }
   for (int64_t k = 0; k < c; ++k) {
     rm[k] = static_cast<float>(mean[k]);
     rv[k] = static_cast<float>(var[k]);
+    if (!train) {
+      bm[k] = rm[k];
+      bv[k] = rv[k];
+    }
   }
   return MX_SUCCESS;
 }
