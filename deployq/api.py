@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from .blocks import (
 )
 from .config import LayerConfig, resolve
 from .naming import block_paths, node_path, prefix_map, structure_fingerprint
-from .profiles import Profile, load_profile
+from .profiles import Profile, TensorGrid, load_profile
 
 
 def _float_type(b: gluon.Block) -> type | None:
@@ -286,10 +287,37 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
         if bn is not None:
             _replace_child(*_parent_of(paths, bn_path), BypassBatchNorm.from_float(bn))
     _add_output_quantizers(net, block_points, cfgs, prof, algorithm, ema_momentum)
-    net._deployq = {"profile": prof.name, "algorithm": algorithm, "config_list": config_list,
-                    "ema_momentum": ema_momentum}
+    net._deployq = {"profile": prof.name, "profile_options": profile_options(prof), "algorithm": algorithm,
+                    "config_list": config_list, "ema_momentum": ema_momentum}
     _clear_cache(net)
     return net
+
+
+def profile_options(prof: Profile) -> dict[str, Any]:
+    """The fields in which ``prof`` differs from the named profile it came from (e.g. ``winograd_3x3``
+    changed with ``Profile.with_options``), JSON-able, so that :func:`save`/:func:`load` keep them."""
+    try:
+        base = load_profile(prof.name)
+    except ValueError:
+        base = None
+    out = {}
+    for f in dataclasses.fields(prof):
+        v = getattr(prof, f.name)
+        if base is None or v != getattr(base, f.name):
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+    return out
+
+
+def _saved_profile(meta: dict[str, Any]) -> Profile:
+    opts = dict(meta.get("profile_options") or {})
+    for grid in ("weight", "activation"):
+        if grid in opts:
+            opts[grid] = TensorGrid(**opts[grid])
+    try:
+        base = load_profile(meta["profile"])
+    except ValueError:
+        return Profile(**opts)
+    return base.with_options(**opts) if opts else base
 
 
 def _six_bit(cfg: LayerConfig, blk: gluon.Block) -> LayerConfig:
@@ -472,7 +500,7 @@ def load(path: str | os.PathLike, net: gluon.HybridBlock | None = None,
     if not net._collect_params_with_prefix() or any(p._data is None for p in net.collect_params().values()):
         net.initialize(ctx=ctx, force_reinit=False)
         net(mx.nd.zeros(tuple(meta["input_shape"]), ctx=ctx))
-    quantize(net, meta["config_list"], meta["profile"], meta["algorithm"], meta["ema_momentum"])
+    quantize(net, meta["config_list"], _saved_profile(meta), meta["algorithm"], meta["ema_momentum"])
     # a net saved before its profile quantized outputs lacks their state: those outputs stay unquantized
     missing = set(net._collect_params_with_prefix()) - set(mx.nd.load(str(params)))
     optional = all(k.rpartition(".")[2].startswith("output_state") for k in missing)

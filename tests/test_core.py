@@ -305,3 +305,21 @@ def test_export_scales_has_layer_inputs():
     s = deployq.export_scales(net, "small")
     e = s["tensors"]["0:input"]
     assert e["step"] == pytest.approx(e["threshold"] / 127) and e["signed"] and s["profile"] == "ncnn"
+
+
+def test_save_load_keeps_profile_options(tmp_path):
+    """A profile changed with with_options (six-bit 3x3 weights for ncnn2int8's winograd) survives save/load."""
+    prof = deployq.load_profile("ncnn").with_options(winograd_3x3="six_bit")
+    net = small_net(11)
+    deployq.quantize(net, profile=prof)
+    with autograd.record():
+        net(mx.nd.random.normal(shape=(4, 3, 8, 8))).backward()
+    bits = {k: b.layer_config.weight.bits for k, b in deployq.quant_layers(net).items()}
+    assert bits["0"] == 6 and max(bits.values()) == 8
+    x = mx.nd.random.normal(shape=(3, 3, 8, 8))
+    y = net(x).asnumpy()
+    deployq.save(net, tmp_path / "q", input_shape=(1, 3, 8, 8))
+    back = deployq.load(tmp_path / "q", small_net(12))
+    assert {k: b.layer_config.weight.bits for k, b in deployq.quant_layers(back).items()} == bits
+    assert next(iter(deployq.quant_layers(back).values())).profile == prof
+    np.testing.assert_array_equal(back(x).asnumpy(), y)
