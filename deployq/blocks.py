@@ -363,12 +363,13 @@ class _QuantMixin(_ActivationQuant):
         self._dq_bn_batch = (rv, F.BlockGrad(mean), F.BlockGrad(var))
         return self._fold_with(F, weight, bias, p, F.cast(rm, "float32"), rv)
 
-    def _bn_correct(self, F, out, b_used, bias, p, is_train):
-        """In training, rescale the output of the conv with BN-folded weights so that it equals BatchNorm with
-        the *batch* statistics (Krishnamoorthi 2018, §3.2): ``out * c + (b_B - b_used * c)`` with
-        ``c = sqrt(var_run + eps) / sqrt(var_B + eps)`` and ``b_B = beta + (b - mean_B) * gamma / sqrt(var_B + eps)``;
-        the weights stay quantized with the running statistics (what is deployed). ``c`` and the batch
-        statistics are constants for the gradient. In inference the output is returned unchanged (exactly)."""
+    def _bn_correct(self, F, wq, b_used, bias, p, is_train):
+        """Training with batch statistics (Krishnamoorthi 2018, §3.2): the conv with weights folded with the
+        running statistics (what is deployed) is rescaled per channel by ``c = sqrt(var_run + eps) /
+        sqrt(var_B + eps)`` and gets the batch-statistics bias ``b_B = beta + (b - mean_B) * gamma /
+        sqrt(var_B + eps)``, so its output equals BatchNorm with the batch's statistics. ``c`` is applied to the
+        (small) weight tensor, ``conv(x, W_q) * c = conv(x, W_q * c)``; ``c`` and the batch statistics are
+        constants for the gradient. Returns (weight, bias) for the conv; in inference exactly (wq, b_used)."""
         kw = self._dq_bn_kwargs
         rv, bm, bv = self._dq_bn_batch
         eps = kw.get("eps", 1e-5)
@@ -376,9 +377,9 @@ class _QuantMixin(_ActivationQuant):
         inv_b = F.rsqrt(bv + eps)
         c = F.BlockGrad(F.sqrt(rv + eps) * inv_b)
         b_b = p["bn_beta"] + (0 - bm if bias is None else bias - bm) * gamma * inv_b
-        shape = (1, -1, 1, 1)
-        corr = F.broadcast_add(F.broadcast_mul(out, F.reshape(c - 1, shape)), F.reshape(b_b - b_used * c, shape))
-        return out + F.broadcast_mul(corr, F.reshape(is_train, (1, 1, 1, 1)))
+        scale = 1 + F.broadcast_mul(is_train, c - 1)
+        wq = F.broadcast_mul(wq, F.reshape(scale, (-1, 1, 1, 1)))
+        return wq, b_used + F.broadcast_mul(is_train, b_b - b_used)
 
     def _fold_with(self, F, weight, bias, p, rm, rv):
         kw = self._dq_bn_kwargs
@@ -449,9 +450,9 @@ class _QuantMixin(_ActivationQuant):
         wq = self._native_weight(F, w, gate) if cfg.weight is not None else w
         if b is not None and self._int32_bias():
             b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
-        out = self._layer(F, xq, wq, b)
         if self._dq_bn_kwargs is not None and self.fake_bn_correction:
-            out = self._bn_correct(F, out, b, bias, p, is_train)
+            wq, b = self._bn_correct(F, wq, b, bias, p, is_train)
+        out = self._layer(F, xq, wq, b)
         if self.act is not None:
             out = self.act(out)
         if cfg.output is not None:
@@ -495,9 +496,9 @@ class _QuantMixin(_ActivationQuant):
             if self.algorithm == "observer":
                 gate = 1 - is_train if gate is None else F.broadcast_mul(gate, 1 - is_train)
             b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
-        out = self._layer(F, xq, wq, b)
         if self._dq_bn_kwargs is not None and self.fake_bn_correction:
-            out = self._bn_correct(F, out, b, bias, p, is_train)
+            wq, b = self._bn_correct(F, wq, b, bias, p, is_train)
+        out = self._layer(F, xq, wq, b)
         if self.act is not None:
             out = self.act(out)
         if cfg.output is not None:

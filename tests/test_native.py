@@ -152,3 +152,29 @@ def test_block_output_quantizer_fused_matches_mxnet_operators():
         np.testing.assert_allclose(a_states[k], st, rtol=1e-4, atol=1e-6, err_msg=k)
         assert a_states[k][2] == 1 and a_states[k][3] == 3
     np.testing.assert_allclose(a_inf, b_inf, rtol=1e-3, atol=1e-2 * np.abs(b_inf).max())
+
+
+@pytest.mark.parametrize("convention", ["step", "multiplier"])
+@pytest.mark.parametrize("rounding", ["half_away_from_zero", "half_to_even"])
+def test_ties_and_clipping_match_mxnet_fake_quantize(convention, rounding):
+    """Exact grid ties (k + 1/2 steps), values far outside the range and zeros: the fused operator's
+    vectorized rounding gives what deployq.fakequant.fake_quantize (MXNet's round) gives, and its gradient
+    mask is the clip mask."""
+    from deployq.fakequant import fake_quantize
+
+    t = 2.54
+    x = np.concatenate([(np.arange(-140, 140) + 0.5) * (t / 127), [0.0, -0.0, 1e6, -1e6, 3e9, -3e9],
+                        np.random.default_rng(0).normal(0, 2, 4000)]).astype(np.float32)
+    xs = mx.nd.array(x)
+    xs.attach_grad()
+    state = mx.nd.array([-t, t, 1, 5], dtype="float64")
+    with autograd.record():
+        y, _ = mx.nd.dq_act_quant(xs, state, mx.nd.zeros(1), quant=1, qmin=-127, qmax=127, rounding=rounding,
+                                  convention=convention)
+    y.backward()
+    scale = np.float32(t) / 127 if convention == "step" else np.float32(127) / np.float32(t)
+    ref = fake_quantize(mx.nd, mx.nd.array(x), mx.nd.array([scale]), -127, 127, None, rounding, convention)
+    np.testing.assert_array_equal(y.asnumpy(), ref.asnumpy())
+    inside = np.abs(x) <= t * (1 + 0.5 / 127)
+    np.testing.assert_array_equal(xs.grad.asnumpy()[np.abs(np.abs(x) - t * (1 + 0.5 / 127)) > 1e-4],
+                                  inside[np.abs(np.abs(x) - t * (1 + 0.5 / 127)) > 1e-4].astype(np.float32))

@@ -29,6 +29,15 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _arch_flags() -> list[str]:
+    """-mavx2 where this x86-64 CPU has it (the library is built per machine, its cache key names the flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("\nflags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return []
+    return ["-mavx2"] if "avx2" in flags else []
+
+
 def _build(target: Path) -> None:
     import mxnet as mx
 
@@ -40,8 +49,8 @@ def _build(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [cxx, "-shared", "-fPIC", "-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math",
-               f"-I{mxdir / 'include'}", f"-I{mxdir / 'include' / 'mxnet'}", str(SOURCE),
-               str(mxdir / "src" / "lib_api.cc"), "-o", str(out)]
+               "-fno-trapping-math", *_arch_flags(), f"-I{mxdir / 'include'}", f"-I{mxdir / 'include' / 'mxnet'}",
+               str(SOURCE), str(mxdir / "src" / "lib_api.cc"), "-o", str(out)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
@@ -57,7 +66,8 @@ def available() -> bool:
 
     if all(hasattr(mx.nd, op) for op in OPS):
         return True
-    key = hashlib.sha256(SOURCE.read_bytes() + mx.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + mx.__version__.encode() + " ".join(_arch_flags()).encode()
+                         ).hexdigest()[:16]
     lib = _cache_dir() / f"libdeployq_fakequant-{key}.so"
     try:
         if not lib.exists():

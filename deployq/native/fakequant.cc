@@ -43,12 +43,20 @@ std::string attr_str(const Attrs& a, const char* k, const char* d) {
   return it == a.end() ? std::string(d) : it->second;
 }
 
-// round half away from zero (MXNet round, C roundf) or half to even (deployq.fakequant.round_half_even)
-inline float round_code(float v, bool even) {
-  if (!even) return std::round(v);
-  float t = std::trunc(v);
-  if (std::fabs(v - t) == 0.5f) return 2.0f * std::round(v * 0.5f);
-  return std::round(v);
+// Round v to an integer: half away from zero (MXNet round, C roundf) or half to even
+// (deployq.fakequant.round_half_even). v must lie within int range: callers clip it to [qmin - 1, qmax + 1]
+// first, which leaves every clipped code and every in-range test unchanged. Truncation through int, the exact
+// fractional part v - trunc(v) and selects instead of branches let the compiler vectorize the loops below
+// (with -fno-trapping-math), unlike libm's roundf.
+template <bool EVEN>
+inline float round_code(float v) {
+  const int i = static_cast<int>(v);
+  const float t = static_cast<float>(i);
+  const float f = v - t;  // exact: the fractional bits of v
+  if (!EVEN) return t + (f >= 0.5f ? 1.0f : 0.0f) - (f <= -0.5f ? 1.0f : 0.0f);
+  const float odd = static_cast<float>(i & 1);
+  return t + (f > 0.5f ? 1.0f : 0.0f) + (f == 0.5f ? odd : 0.0f) - (f < -0.5f ? 1.0f : 0.0f) -
+         (f == -0.5f ? odd : 0.0f);
 }
 
 struct Grid {
@@ -58,16 +66,79 @@ struct Grid {
   bool affine;
   float qmin, qmax;
   bool even;
-  inline float code(float x) const {  // rounded (not yet clipped) code, zero point added
-    float v = multiplier ? x * scale : x / scale;
-    float r = round_code(v, even);
-    return affine ? r + zero_point : r;
-  }
-  inline float dequant(float q) const {
-    if (affine) q = q - zero_point;
-    return multiplier ? q / scale : q * scale;
-  }
 };
+
+// the rounded code of x with the zero point added, v clipped to [qmin - zp - 1, qmax - zp + 1] first
+template <bool MULT, bool EVEN>
+inline float code_of(float x, float scale, float zp, float lo, float hi) {
+  float v = MULT ? x * scale : x / scale;
+  v = v < lo ? lo : v;
+  v = v > hi ? hi : v;
+  return round_code<EVEN>(v) + zp;
+}
+
+template <bool MULT, bool EVEN>
+void quant_loop(const float* x, float* y, int64_t n, const Grid& g) {
+  const float zp = g.affine ? g.zero_point : 0.0f, lo = g.qmin - zp - 1.0f, hi = g.qmax - zp + 1.0f;
+  const float scale = g.scale, qmin = g.qmin, qmax = g.qmax;
+  for (int64_t i = 0; i < n; ++i) {
+    float q = code_of<MULT, EVEN>(x[i], scale, zp, lo, hi);
+    q = q < qmin ? qmin : q;
+    q = q > qmax ? qmax : q;
+    q = q - zp;
+    y[i] = MULT ? q / scale : q * scale;
+  }
+}
+
+template <bool MULT, bool EVEN>
+void mask_loop(const float* x, const float* dy, float* dx, int64_t n, const Grid& g) {
+  const float zp = g.affine ? g.zero_point : 0.0f, lo = g.qmin - zp - 1.0f, hi = g.qmax - zp + 1.0f;
+  const float scale = g.scale, qmin = g.qmin, qmax = g.qmax;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = code_of<MULT, EVEN>(x[i], scale, zp, lo, hi);
+    dx[i] = (q >= qmin && q <= qmax) ? dy[i] : 0.0f;
+  }
+}
+
+// y = dequant(clip(code(x))): the fake-quantized tensor
+void fake_quant(const float* x, float* y, int64_t n, const Grid& g) {
+  if (g.multiplier)
+    g.even ? quant_loop<true, true>(x, y, n, g) : quant_loop<true, false>(x, y, n, g);
+  else
+    g.even ? quant_loop<false, true>(x, y, n, g) : quant_loop<false, false>(x, y, n, g);
+}
+
+// dx = dy where the code lies in [qmin, qmax], else 0 (the straight-through gradient with clipping)
+void clip_mask(const float* x, const float* dy, float* dx, int64_t n, const Grid& g) {
+  if (g.multiplier)
+    g.even ? mask_loop<true, true>(x, dy, dx, n, g) : mask_loop<true, false>(x, dy, dx, n, g);
+  else
+    g.even ? mask_loop<false, true>(x, dy, dx, n, g) : mask_loop<false, false>(x, dy, dx, n, g);
+}
+
+// min and max of x (8 independent lanes, so the loop vectorizes; min/max are exact in any order)
+void min_max(const float* x, int64_t n, float* lo_out, float* hi_out) {
+  float lo[8], hi[8];
+  for (int k = 0; k < 8; ++k) lo[k] = hi[k] = x[0];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const float v = x[i + k];
+      lo[k] = v < lo[k] ? v : lo[k];
+      hi[k] = v > hi[k] ? v : hi[k];
+    }
+  for (; i < n; ++i) {
+    lo[0] = x[i] < lo[0] ? x[i] : lo[0];
+    hi[0] = x[i] > hi[0] ? x[i] : hi[0];
+  }
+  float l = lo[0], h = hi[0];
+  for (int k = 1; k < 8; ++k) {
+    l = lo[k] < l ? lo[k] : l;
+    h = hi[k] > h ? hi[k] : h;
+  }
+  *lo_out = l;
+  *hi_out = h;
+}
 
 // scale for a symmetric threshold T (deployq.fakequant.scale_from_threshold): 1 stands in for T == 0
 inline float scale_from_threshold(float thr, float qmax, bool multiplier) {
@@ -147,11 +218,8 @@ MXReturnValue act_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::ve
   float* used = (*out)[1].data<float>();
   const int64_t n = (*in)[0].size();
 
-  float bl = x[0], bh = x[0];
-  for (int64_t i = 1; i < n; ++i) {
-    bl = std::min(bl, x[i]);
-    bh = std::max(bh, x[i]);
-  }
+  float bl, bh;
+  min_max(x, n, &bl, &bh);
   const double old_lo = st[0], old_hi = st[1], steps = st[3];
   const bool init = st[2] > 0.5;
   double new_lo, new_hi;
@@ -193,11 +261,7 @@ MXReturnValue act_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::ve
     if (y != x) std::memcpy(y, x, sizeof(float) * n);
     return MX_SUCCESS;
   }
-  const Grid g = a.grid(lo, hi);
-  for (int64_t i = 0; i < n; ++i) {
-    float q = std::min(std::max(g.code(x[i]), g.qmin), g.qmax);
-    y[i] = g.dequant(q);
-  }
+  fake_quant(x, y, n, a.grid(lo, hi));
   return MX_SUCCESS;
 }
 
@@ -213,11 +277,7 @@ MXReturnValue act_backward(const Attrs& attrs, std::vector<MXTensor>* in, std::v
   if (used[2] == 0.0f || !a.mask_clipped) {
     if (dx != dy) std::memcpy(dx, dy, sizeof(float) * n);
   } else {
-    const Grid g = a.grid(used[0], used[1]);
-    for (int64_t i = 0; i < n; ++i) {
-      float q = g.code(x[i]);
-      dx[i] = (q >= g.qmin && q <= g.qmax) ? dy[i] : 0.0f;
-    }
+    clip_mask(x, dy, dx, n, a.grid(used[0], used[1]));
   }
   std::memset((*out)[1].data_ptr, 0, sizeof(double) * (*out)[1].size());
   std::memset((*out)[2].data_ptr, 0, sizeof(float) * (*out)[2].size());
@@ -265,8 +325,7 @@ MXReturnValue w_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vect
     float amax = 0.0f;
     for (int64_t i = 0; i < per; ++i) amax = std::max(amax, std::fabs(src[i]));
     const Grid g{multiplier, scale_from_threshold(amax, qmax, multiplier), 0.0f, false, qmin, qmax, even};
-    float* dst = wq + u * per;
-    for (int64_t i = 0; i < per; ++i) dst[i] = g.dequant(std::min(std::max(g.code(src[i]), qmin), qmax));
+    fake_quant(src, wq + u * per, per, g);
   }
   return MX_SUCCESS;
 }
