@@ -34,9 +34,11 @@ CASES = [
 ]
 
 
-def _train(profile, algorithm, config, native: bool):
+def _train(profile, algorithm, config, native: bool, correction: bool = False):
     net = small_net(3)
     deployq.quantize(net, config, profile, algorithm)
+    for b in deployq.quant_layers(net).values():
+        b.fake_bn_correction = correction
     deployq.use_native(net, native)
     assert all(b._native() == native for b in deployq.quant_layers(net).values())
     net.hybridize(static_alloc=True)
@@ -61,10 +63,12 @@ def _train(profile, algorithm, config, native: bool):
     return outs, grads, states, net(x).asnumpy()
 
 
-@pytest.mark.parametrize("profile,algorithm,config,fake_bn", CASES)
+@pytest.mark.parametrize("profile,algorithm,config,fake_bn", CASES + [("ncnn", "qat", "correction", True)])
 def test_fused_operators_match_mxnet_operators(profile, algorithm, config, fake_bn):
-    a_outs, a_grads, a_states, a_inf = _train(profile, algorithm, config, True)
-    b_outs, b_grads, b_states, b_inf = _train(profile, algorithm, config, False)
+    correction = config == "correction"  # fake BN with batch statistics (Krishnamoorthi's correction)
+    config = None if correction else config
+    a_outs, a_grads, a_states, a_inf = _train(profile, algorithm, config, True, correction)
+    b_outs, b_grads, b_states, b_inf = _train(profile, algorithm, config, False, correction)
     # the first training step starts from the same weights: its outputs are bit-identical without fake BN
     tol = 1e-5 if fake_bn else 0.0
     np.testing.assert_allclose(a_outs[0], b_outs[0], rtol=0, atol=tol)
@@ -178,3 +182,24 @@ def test_ties_and_clipping_match_mxnet_fake_quantize(convention, rounding):
     inside = np.abs(x) <= t * (1 + 0.5 / 127)
     np.testing.assert_array_equal(xs.grad.asnumpy()[np.abs(np.abs(x) - t * (1 + 0.5 / 127)) > 1e-4],
                                   inside[np.abs(np.abs(x) - t * (1 + 0.5 / 127)) > 1e-4].astype(np.float32))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fake_bn_correction_trains_like_batchnorm(native):
+    """With the correction, a fake-BN layer in training computes BatchNorm with the batch's statistics: an
+    observer (fp32 in training) gives the fp32 net's training-mode output; without it, the running ones."""
+    x = mx.nd.random.normal(shape=(16, 3, 8, 8))
+    ref_net = small_net(7)
+    with autograd.record():
+        ref = ref_net(x).asnumpy()  # BatchNorm with batch statistics
+    outs = {}
+    for correction in (True, False):
+        net = small_net(7)
+        deployq.quantize(net, profile="ncnn", algorithm="observer")
+        deployq.use_native(net, native)
+        for b in deployq.quant_layers(net).values():
+            b.fake_bn_correction = correction
+        with autograd.record():
+            outs[correction] = net(x).asnumpy()
+    np.testing.assert_allclose(outs[True], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert np.abs(outs[False] - ref).max() > 1e-2 * np.abs(ref).max()
