@@ -432,18 +432,24 @@ class _QuantMixin(_ActivationQuant):
                                  rounding=self.profile.rounding, convention=self.profile.scale_convention)
 
     def _native_fold(self, F, x, weight, bias, p, is_train):
+        # the statistics conv reads the raw weights; BlockGrad on its inputs keeps it out of the backward
         y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
                           **{**self._kwargs, "no_bias": bias is None})
-        stats = F.dq_bn_stats(F.BlockGrad(y), p["fakebn_mean"], p["fakebn_var"], is_train,
-                              momentum=repr(float(self._dq_bn_kwargs.get("momentum", 0.9))))
+        kw = self._dq_bn_kwargs
+        stats = F.dq_bn_stats(y, p["fakebn_mean"], p["fakebn_var"], is_train,
+                              momentum=repr(float(kw.get("momentum", 0.9))))
         rm, rv = F.BlockGrad(stats[0]), F.BlockGrad(stats[1])
-        self._dq_bn_batch = (rv, F.BlockGrad(stats[2]), F.BlockGrad(stats[3]))
-        return self._fold_with(F, weight, bias, p, rm, rv)
+        if self.fake_bn_correction:
+            self._dq_bn_batch = (rv, F.BlockGrad(stats[2]), F.BlockGrad(stats[3]))
+        args = [weight, p["bn_gamma"], p["bn_beta"], rm, rv] + ([] if bias is None else [bias])
+        folded = F.dq_bn_fold(*args, eps=repr(float(kw.get("eps", 1e-5))), fix_gamma=int(kw.get("fix_gamma", False)),
+                              has_bias=int(bias is not None))
+        return folded[0], folded[1]
 
     def _native_forward(self, F, x, weight, bias, p):
         cfg = self.layer_config
         state = p["input_state"]
-        is_train = _is_train(F, F.cast(F.slice_axis(state, axis=0, begin=0, end=1), "float32"))
+        is_train = F.Dropout(F.ones(shape=(1,)), p=0.5) != 1  # see _is_train
         xq, gate = self._native_activation(F, x, state, cfg.input, is_train)
         if self._dq_bn_kwargs is not None:
             w, b = self._native_fold(F, xq, weight, bias, p, is_train)

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fakequant.cc")
-OPS = ("dq_act_quant", "dq_weight_quant", "dq_bn_stats")
+OPS = ("dq_act_quant", "dq_weight_quant", "dq_bn_stats", "dq_bn_fold")
 
 
 def _cache_dir() -> Path:

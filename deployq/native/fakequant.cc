@@ -6,6 +6,8 @@
 //
 //   dq_act_quant(x, state, is_train) -> (y, used)      range tracking + fake quantization of an activation
 //   dq_weight_quant(w, gate) -> wq                      per-layer / per-group / per-channel weight fake quant
+//   dq_bn_fold(w, gamma, beta, rm, rv[, b]) -> (w_f, b_f)  BN folding: k = gamma / sqrt(rv + eps),
+//                                                       w_f = w * k, b_f = beta + (b - rm) * k (b = 0 if absent)
 //   dq_bn_stats(y, mean, var, is_train) -> (rm, rv, bm, bv)
 //                                                       fake-BN running-statistics update; rm/rv: the running
 //                                                       statistics after the update, bm/bv: the batch's (training)
@@ -384,20 +386,33 @@ MXReturnValue bn_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vec
     const double m = attr_double(attrs, "momentum", 0.9);
     const double count = static_cast<double>(batch * inner);
     for (int64_t k = 0; k < c; ++k) {
-      double s = 0.0;
+      // two passes (mean, then squared deviations) in float64, 8 lanes each so that the loops vectorize
+      double s8[8] = {0}, ss8[8] = {0};
       for (int64_t b = 0; b < batch; ++b) {
         const float* p = y + (b * c + k) * inner;
-        for (int64_t i = 0; i < inner; ++i) s += p[i];
+        int64_t i = 0;
+        for (; i + 8 <= inner; i += 8)
+          for (int l = 0; l < 8; ++l) s8[l] += p[i + l];
+        for (; i < inner; ++i) s8[0] += p[i];
       }
+      double s = 0.0;
+      for (int l = 0; l < 8; ++l) s += s8[l];
       const double mu = s / count;
-      double ss = 0.0;
       for (int64_t b = 0; b < batch; ++b) {
         const float* p = y + (b * c + k) * inner;
-        for (int64_t i = 0; i < inner; ++i) {
+        int64_t i = 0;
+        for (; i + 8 <= inner; i += 8)
+          for (int l = 0; l < 8; ++l) {
+            const double d = p[i + l] - mu;
+            ss8[l] += d * d;
+          }
+        for (; i < inner; ++i) {
           const double d = p[i] - mu;
-          ss += d * d;
+          ss8[0] += d * d;
         }
       }
+      double ss = 0.0;
+      for (int l = 0; l < 8; ++l) ss += ss8[l];
       mean[k] = mean[k] * m + mu * (1.0 - m);
       var[k] = var[k] * m + (ss / count) * (1.0 - m);
       bm[k] = static_cast<float>(mu);
@@ -422,7 +437,93 @@ MXReturnValue zero_backward(const Attrs&, std::vector<MXTensor>*, std::vector<MX
   return MX_SUCCESS;
 }
 
+// ------------------------------------------------------------------ dq_bn_fold
+// attrs: eps, fix_gamma (gamma read as 1), has_bias (a 6th input b)
+MXReturnValue fold_parse(const Attrs& attrs, int* n_in, int* n_out) {
+  *n_in = attr_int(attrs, "has_bias", 0) ? 6 : 5;
+  *n_out = 2;
+  return MX_SUCCESS;
+}
+MXReturnValue fold_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  for (int t : *in)
+    if (t != kFloat32) {
+      MX_ERROR_MSG << "dq_bn_fold: needs float32 inputs";
+      return MX_FAIL;
+    }
+  (*out)[0] = kFloat32;
+  (*out)[1] = kFloat32;
+  return MX_SUCCESS;
+}
+MXReturnValue fold_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                         std::vector<std::vector<unsigned int>>* out) {
+  (*out)[0] = (*in)[0];
+  (*out)[1] = {(*in)[0][0]};
+  return MX_SUCCESS;
+}
+struct FoldArgs {
+  float eps;
+  bool fix_gamma, has_bias;
+  explicit FoldArgs(const Attrs& a)
+      : eps(static_cast<float>(attr_double(a, "eps", 1e-5))),
+        fix_gamma(attr_int(a, "fix_gamma", 0) != 0),
+        has_bias(attr_int(a, "has_bias", 0) != 0) {}
+};
+// the same float32 operations, in the same order, as _QuantMixin._fold_with
+MXReturnValue fold_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                           const OpResource&) {
+  const FoldArgs a(attrs);
+  const float* w = (*in)[0].data<float>();
+  const float *gamma = (*in)[1].data<float>(), *beta = (*in)[2].data<float>();
+  const float *rm = (*in)[3].data<float>(), *rv = (*in)[4].data<float>();
+  const float* b = a.has_bias ? (*in)[5].data<float>() : nullptr;
+  float* wf = (*out)[0].data<float>();
+  float* bf = (*out)[1].data<float>();
+  const int64_t c = (*in)[0].shape[0], per = (*in)[0].size() / c;
+  for (int64_t o = 0; o < c; ++o) {
+    const float k = (a.fix_gamma ? 1.0f : gamma[o]) / std::sqrt(rv[o] + a.eps);
+    for (int64_t i = 0; i < per; ++i) wf[o * per + i] = w[o * per + i] * k;
+    bf[o] = beta[o] + ((b ? b[o] : 0.0f) - rm[o]) * k;
+  }
+  return MX_SUCCESS;
+}
+// inputs: dwf, dbf, w, gamma, beta, rm, rv[, b], wf, bf; outputs: dw, dgamma, dbeta, drm, drv[, db]
+MXReturnValue fold_backward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                            const OpResource&) {
+  const FoldArgs a(attrs);
+  const float* dwf = (*in)[0].data<float>();
+  const float* dbf = (*in)[1].data<float>();
+  const float* w = (*in)[2].data<float>();
+  const float* gamma = (*in)[3].data<float>();
+  const float *rm = (*in)[5].data<float>(), *rv = (*in)[6].data<float>();
+  const float* b = a.has_bias ? (*in)[7].data<float>() : nullptr;
+  float *dw = (*out)[0].data<float>(), *dgamma = (*out)[1].data<float>(), *dbeta = (*out)[2].data<float>();
+  const int64_t c = (*in)[2].shape[0], per = (*in)[2].size() / c;
+  for (int64_t o = 0; o < c; ++o) {
+    const float inv = 1.0f / std::sqrt(rv[o] + a.eps);
+    const float k = (a.fix_gamma ? 1.0f : gamma[o]) * inv;
+    double dk = 0.0;
+    for (int64_t i = 0; i < per; ++i) {
+      dw[o * per + i] = dwf[o * per + i] * k;
+      dk += static_cast<double>(dwf[o * per + i]) * w[o * per + i];
+    }
+    dk += static_cast<double>(dbf[o]) * ((b ? b[o] : 0.0f) - rm[o]);
+    dgamma[o] = a.fix_gamma ? 0.0f : static_cast<float>(dk * inv);
+    dbeta[o] = dbf[o];
+    if (b) (*out)[5].data<float>()[o] = dbf[o] * k;
+  }
+  std::memset((*out)[3].data_ptr, 0, sizeof(float) * c);
+  std::memset((*out)[4].data_ptr, 0, sizeof(float) * c);
+  return MX_SUCCESS;
+}
+
 }  // namespace
+
+REGISTER_OP(dq_bn_fold)
+    .setParseAttrs(fold_parse)
+    .setInferType(fold_type)
+    .setInferShape(fold_shape)
+    .setForward(fold_forward, "cpu")
+    .setBackward(fold_backward, "cpu");
 
 REGISTER_OP(dq_act_quant)
     .setParseAttrs(act_parse)
