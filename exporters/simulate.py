@@ -79,7 +79,8 @@ def _lower_int(exp: TengineExport, step: dict[str, float]) -> NodeHook:
 
 def simulate(exp: TengineExport, x: np.ndarray, batch_size: int = 250) -> np.ndarray:
     """Dequantized output of the Tengine int8 model ``exp`` on NumPy images ``x`` (first graph output)."""
-    step = {r.tensor: r.step for r in exp.scales}
+    # the steps as Tengine reads them: the scale file's "%.9g" text parsed to float32
+    step = {r.tensor: float(np.float32(f"{r.step:.9g}")) for r in exp.scales}
     g = _integer_graph(exp, step)
 
     def hook(t: str, s: mx.sym.Symbol) -> mx.sym.Symbol:
