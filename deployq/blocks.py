@@ -458,14 +458,8 @@ class _QuantMixin(_ActivationQuant):
         wq = self._native_weight(F, w, gate) if cfg.weight is not None else w
         if b is not None and self._int32_bias():
             b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
-        if self._dq_bn_kwargs is not None and self.fake_bn_correction:
-            wq, b = self._bn_correct(F, wq, b, bias, p, is_train)
-        out = self._layer(F, xq, wq, b)
-        if self.act is not None:
-            out = self.act(out)
+        out = self._compute(F, xq, wq, b, bias, p, is_train)
         if cfg.output is not None:
-            if cfg.output_relu:
-                out = F.Activation(out, act_type="relu")
             yq, _ = self._native_activation(F, out, p["output_state"], cfg.output, is_train)
             out = self._known_output(F, yq, out, p["output_state"], is_train)
         return out
@@ -473,6 +467,18 @@ class _QuantMixin(_ActivationQuant):
     # ------------------------------------------------------------------ forward
     def _layer(self, F, x, w, b):
         raise NotImplementedError
+
+    def _compute(self, F, xq, wq, b, bias, p, is_train):
+        """The layer on quantized input and weights (with the fake-BN correction when enabled), its own
+        activation, and the following ReLU when the layer quantizes its output after it."""
+        if self._dq_bn_kwargs is not None and self.fake_bn_correction:
+            wq, b = self._bn_correct(F, wq, b, bias, p, is_train)
+        out = self._layer(F, xq, wq, b)
+        if self.act is not None:
+            out = self.act(out)
+        if self.layer_config.output is not None and self.layer_config.output_relu:
+            out = F.Activation(out, act_type="relu")
+        return out
 
     def hybrid_forward(self, F, x, weight, bias=None, **p):
         if self._dq_float:
@@ -504,14 +510,8 @@ class _QuantMixin(_ActivationQuant):
             if self.algorithm == "observer":
                 gate = 1 - is_train if gate is None else F.broadcast_mul(gate, 1 - is_train)
             b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
-        if self._dq_bn_kwargs is not None and self.fake_bn_correction:
-            wq, b = self._bn_correct(F, wq, b, bias, p, is_train)
-        out = self._layer(F, xq, wq, b)
-        if self.act is not None:
-            out = self.act(out)
+        out = self._compute(F, xq, wq, b, bias, p, is_train)
         if cfg.output is not None:
-            if cfg.output_relu:
-                out = F.Activation(out, act_type="relu")
             self._pins = []
             yq, _, is_train = self._quant_activation(F, out, p["output_state"], p["output_state_scratch"],
                                                      p["output_state_anchor"], cfg.output)
