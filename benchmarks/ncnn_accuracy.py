@@ -18,6 +18,7 @@ from deployq.exporters import mxnet_lower
 from deployq.exporters.ncnn import run
 from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
 from mxnet import autograd, gluon
+from peers import ort_static
 
 import deployq
 from deployq.data import batches, load_mnist5k
@@ -83,51 +84,6 @@ def mxnet_naive(name: str, calib: np.ndarray, test) -> float:
     qnet = quantize_net_v2(net, quantized_dtype="auto", quantize_mode="full", quantize_granularity="channel-wise",
                            calib_mode="naive", calib_data=data, num_calib_examples=len(calib), ctx=mx.cpu())
     return float(np.mean(predict(qnet, test.x).argmax(1) == test.y))
-
-
-def ort_static(name: str, calib: np.ndarray, test, tmp: Path) -> float:
-    import onnx
-    import onnxruntime as ort
-    from deployq.exporters.frontend import from_gluon
-    from deployq.exporters.passes import optimize
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    g = optimize(from_gluon(get_trained(name, verbose=False)))  # BN folded (peers.md §3: needed per-channel)
-    sym, args, aux = mxnet_lower.to_symbol(g)
-    params = {**args, **aux}
-    fp32 = tmp / f"{name}.onnx"
-    mx.onnx.export_model(sym, params, in_shapes=[(1, 3, 32, 32)], in_types=[np.float32], onnx_file_path=str(fp32),
-                         dynamic=True, dynamic_input_shapes=[(None, 3, 32, 32)])
-    m = onnx.load(str(fp32))
-    inits = {i.name for i in m.graph.initializer}
-    keep = [i for i in m.graph.input if i.name not in inits]
-    del m.graph.input[:]
-    m.graph.input.extend(keep)
-    onnx.save(m, str(fp32))
-    in_name = keep[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{in_name: calib[i:i + 1]} for i in range(len(calib))])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    q = tmp / f"{name}-int8.onnx"
-    quantize_static(str(fp32), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
-    out = np.concatenate([sess.run(None, {in_name: xb})[0] for xb, _ in batches(test.x, None, 250)])
-    return float(np.mean(out.argmax(1) == test.y))
 
 
 def main(models: list[str]) -> None:
