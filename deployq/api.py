@@ -389,8 +389,11 @@ def describe(net: gluon.Block) -> str:
         if is_quant_block(b):
             c = b.layer_config
             out = _grid_text(c.output) + (" after ReLU" if c.output_relu else "")
+            fbn = b.bn_path or "-"
+            if b.bn_path and c.bn_freeze_step is not None:
+                fbn += f" (frozen at step {c.bn_freeze_step})"
             rows.append((path, c.op_type, _grid_text(c.weight), _grid_text(c.input), out,
-                         c.input_mode, b.bn_path or "-", str(c.quant_start_step), str(c.entry)))
+                         c.input_mode, fbn, str(c.quant_start_step), str(c.entry)))
         elif _float_type(b) is not None and path:
             rows.append((path, _float_type(b).__name__, "fp32", "fp32", "-", "-", "-", "-", "excluded"))
         elif is_output_quantizer(b):

@@ -79,6 +79,21 @@ def _is_train(F, like):
     return F.Dropout(F.ones_like(like), p=0.5) != 1
 
 
+_TRAIN_FLAG: list = []
+
+
+def _train_flag(F):
+    """(1,) float32: 1 in a training forward, 0 in inference, for the fused operators. Traced graphs share one
+    flag: the symbol has no inputs, so every layer of every trace may read the same one node (one Dropout per
+    graph instead of one per layer)."""
+    if F is not mx.sym:
+        return F.Dropout(F.ones(shape=(1,)), p=0.5) != 1
+    if not _TRAIN_FLAG:
+        _TRAIN_FLAG.append(mx.sym.Dropout(mx.sym.ones(shape=(1,), name="dq_train_ones"), p=0.5,
+                                          name="dq_train_dropout") != 1)
+    return _TRAIN_FLAG[0]
+
+
 def _reduce_absmax(F, w, granularity: str, groups: int, out_channels: int, ndim: int):
     """max|w| per quantization unit, broadcastable against ``w`` (shape (O,1,...) or (1,...))."""
     a = F.abs(w)
@@ -170,9 +185,10 @@ class _ActivationQuant:
         # the MXNet-operator formulation keeps its state updates on the gradient path through the anchors;
         # the fused operators update state themselves, and an anchor without gradient would be a stale one
         req = "null" if self._native() else "write"
+        frozen = getattr(self.layer_config, "bn_freeze_step", None) == 0  # no statistics updates at all
         for name, prm in self._reg_params.items():
             if name.endswith("_anchor"):
-                prm.grad_req = req
+                prm.grad_req = "null" if frozen and name.startswith("fakebn") else req
 
     def _native(self) -> bool:
         return self._dq_use_native is not False and self.algorithm in NATIVE_ALGORITHMS and native.available()
@@ -191,6 +207,7 @@ class _ActivationQuant:
                                  start_step=self.layer_config.quant_start_step, **kw)
         used = F.BlockGrad(used)  # read-only bookkeeping: no gradient flows into it
         self._dq_range = (F.slice_axis(used, axis=0, begin=0, end=1), F.slice_axis(used, axis=0, begin=1, end=2))
+        self._dq_steps = F.slice_axis(used, axis=0, begin=4, end=5)  # training steps seen before this one
         return y, F.slice_axis(used, axis=0, begin=3, end=4)
 
     def _known_output(self, F, yq, y, state, is_train):
@@ -230,7 +247,7 @@ class _QuantMixin(_ActivationQuant):
     #: True: fake BN trains with batch statistics (Krishnamoorthi's correction: output rescaled, weights folded
     #: with running statistics). Default False: the folded conv alone, running statistics in training too (as
     #: Quantization.MXNet). Measured on MNIST-5k (2 QAT epochs, lr 5e-3, ncnn): mobilenet0.25 0.879 vs 0.876,
-    #: resnet20 0.953 vs 0.976, so the correction is opt-in (``blk.fake_bn_correction = True``)
+    #: resnet20 0.953 vs 0.976, so the correction is opt-in (``blk.fake_bn_correction = True``; docs/simulate.md)
     fake_bn_correction: bool = False
 
     def _dq_init(self, cfg: LayerConfig, profile: Profile, algorithm: str, momentum: float,
@@ -345,25 +362,38 @@ class _QuantMixin(_ActivationQuant):
         return self._out_channels
 
     # ------------------------------------------------------------------ fake BN
-    def _fold(self, F, x, weight, bias, p):
+    def _fold(self, F, x, weight, bias, p, steps):
         kw = self._dq_bn_kwargs
+        freeze = self.layer_config.bn_freeze_step
+        old_m, old_v = p["fakebn_mean"], p["fakebn_var"]
+        if freeze == 0:  # frozen from the start: no batch statistics at all
+            rm, rv = F.cast(old_m, "float32"), F.cast(old_v, "float32")
+            self._dq_bn_batch = (rv, rm, rv)
+            return self._fold_with(F, weight, bias, p, rm, rv)
         y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
                           **{**self._kwargs, "no_bias": bias is None})
         y = F.cast(F.BlockGrad(y), "float64")  # batch statistics in float64, as deployq.native computes them
         mean = F.mean(y, axis=(0, 2, 3))
         var = F.mean(F.square(F.broadcast_sub(y, F.reshape(mean, (1, -1, 1, 1)))), axis=(0, 2, 3))
         m = kw.get("momentum", 0.9)
-        old_m, old_v = p["fakebn_mean"], p["fakebn_var"]
         new_m = m * old_m + (1 - m) * mean
         new_v = m * old_v + (1 - m) * var
         mean, var = F.cast(mean, "float32"), F.cast(var, "float32")
+        update = _is_train(F, F.slice_axis(old_m, axis=0, begin=0, end=1))
+        if freeze is not None:  # updates stop once ``freeze`` training steps were seen
+            update = F.broadcast_mul(update, F.cast(steps < freeze, "float64"))
+            keep = F.broadcast_like(update, old_m)
+            new_m, new_v = F.where(keep, new_m, old_m), F.where(keep, new_v, old_v)
         self._pins.append(_assign(F, old_m, new_m, p["fakebn_mean_scratch"], p["fakebn_mean_anchor"]))
         self._pins.append(_assign(F, old_v, new_v, p["fakebn_var_scratch"], p["fakebn_var_anchor"]))
-        is_train = _is_train(F, F.slice_axis(old_m, axis=0, begin=0, end=1))
-        rm = F.broadcast_add(F.broadcast_mul(is_train, new_m - old_m), old_m)
-        rv = F.cast(F.broadcast_add(F.broadcast_mul(is_train, new_v - old_v), old_v), "float32")
+        rm = F.broadcast_add(F.broadcast_mul(update, new_m - old_m), old_m)
+        rv = F.cast(F.broadcast_add(F.broadcast_mul(update, new_v - old_v), old_v), "float32")
+        rm = F.cast(rm, "float32")
+        if freeze is not None:  # frozen: the "batch" statistics of the correction are the running ones
+            upd = F.broadcast_like(F.cast(update, "float32"), mean)
+            mean, var = F.where(upd, mean, rm), F.where(upd, var, rv)
         self._dq_bn_batch = (rv, F.BlockGrad(mean), F.BlockGrad(var))
-        return self._fold_with(F, weight, bias, p, F.cast(rm, "float32"), rv)
+        return self._fold_with(F, weight, bias, p, rm, rv)
 
     def _bn_correct(self, F, wq, b_used, bias, p, is_train):
         """Training with batch statistics (Krishnamoorthi 2018, §3.2): the conv with weights folded with the
@@ -432,15 +462,22 @@ class _QuantMixin(_ActivationQuant):
                                  rounding=self.profile.rounding, convention=self.profile.scale_convention)
 
     def _native_fold(self, F, x, weight, bias, p, is_train):
-        # the statistics conv reads the raw weights; BlockGrad on its inputs keeps it out of the backward
-        y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
-                          **{**self._kwargs, "no_bias": bias is None})
         kw = self._dq_bn_kwargs
-        stats = F.dq_bn_stats(y, p["fakebn_mean"], p["fakebn_var"], is_train,
-                              momentum=repr(float(kw.get("momentum", 0.9))))
-        rm, rv = F.BlockGrad(stats[0]), F.BlockGrad(stats[1])
-        if self.fake_bn_correction:
-            self._dq_bn_batch = (rv, F.BlockGrad(stats[2]), F.BlockGrad(stats[3]))
+        freeze = self.layer_config.bn_freeze_step
+        if freeze == 0:  # frozen from the start: no statistics conv, the running statistics as they are
+            rm, rv = F.cast(p["fakebn_mean"], "float32"), F.cast(p["fakebn_var"], "float32")
+            if self.fake_bn_correction:
+                self._dq_bn_batch = (rv, rm, rv)
+        else:
+            # the statistics conv reads the raw weights; BlockGrad on its inputs keeps it out of the backward
+            y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
+                              **{**self._kwargs, "no_bias": bias is None})
+            update = is_train if freeze is None else F.broadcast_mul(is_train, self._dq_steps < freeze)
+            stats = F.dq_bn_stats(y, p["fakebn_mean"], p["fakebn_var"], update,
+                                  momentum=repr(float(kw.get("momentum", 0.9))))
+            rm, rv = F.BlockGrad(stats[0]), F.BlockGrad(stats[1])
+            if self.fake_bn_correction:
+                self._dq_bn_batch = (rv, F.BlockGrad(stats[2]), F.BlockGrad(stats[3]))
         args = [weight, p["bn_gamma"], p["bn_beta"], rm, rv] + ([] if bias is None else [bias])
         folded = F.dq_bn_fold(*args, eps=repr(float(kw.get("eps", 1e-5))), fix_gamma=int(kw.get("fix_gamma", False)),
                               has_bias=int(bias is not None))
@@ -449,7 +486,7 @@ class _QuantMixin(_ActivationQuant):
     def _native_forward(self, F, x, weight, bias, p):
         cfg = self.layer_config
         state = p["input_state"]
-        is_train = F.Dropout(F.ones(shape=(1,)), p=0.5) != 1  # see _is_train
+        is_train = _train_flag(F)
         xq, gate = self._native_activation(F, x, state, cfg.input, is_train)
         if self._dq_bn_kwargs is not None:
             w, b = self._native_fold(F, xq, weight, bias, p, is_train)
@@ -496,7 +533,7 @@ class _QuantMixin(_ActivationQuant):
         if self.algorithm == "observer":
             xq = xq + F.broadcast_mul(is_train, x - xq)
         if self._dq_bn_kwargs is not None:
-            w, b = self._fold(F, xq, weight, bias, p)
+            w, b = self._fold(F, xq, weight, bias, p, steps)
         else:
             w, b = weight, bias
         wq = self._quant_weight(F, w, p) if cfg.weight is not None else w
@@ -650,7 +687,7 @@ class OutputQuantizer(_ActivationQuant, nn.HybridBlock):
             return x
         grid = self.layer_config.output
         if self._native():
-            is_train = _is_train(F, F.cast(F.slice_axis(output_state, axis=0, begin=0, end=1), "float32"))
+            is_train = _train_flag(F)
             yq, _ = self._native_activation(F, x, output_state, grid, is_train)
         else:
             self._pins = []

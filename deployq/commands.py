@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "fine-tune (QAT) it under the ncnn profile, print the three accuracies.")
     d.add_argument("--model", default="mobilenet0.25", choices=sorted(BUILTIN_MODELS))
     d.add_argument("--qat-epochs", type=float, default=2.0, help="QAT epochs over MNIST-5k train (default 2)")
-    d.add_argument("--lr", type=float, default=0.005, help="QAT SGD learning rate (default 0.005)")
+    d.add_argument("--lr", type=float, default=0.001, help="QAT SGD learning rate, cosine decay (default 0.001)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="deployq-demo", help="output directory (default ./deployq-demo)")
     d.add_argument("--quiet", action="store_true")

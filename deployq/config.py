@@ -10,7 +10,10 @@ Keys: ``op_types``, ``op_names``, ``op_names_re``, ``exclude``, ``quant_types`` 
 ``quant_bits`` (int or ``{type: int}``), ``quant_dtype`` (``int``/``uint`` or per type), ``quant_scheme``
 (``per_tensor_symmetric``, ``per_group_symmetric``, ``per_channel_symmetric``, ``per_tensor_affine``; or per
 type), ``quant_start_step``, ``input_mode`` (``offline``: tracked range; ``online``: the current batch's range),
-``fake_bn`` (fold a following BatchNorm during training; default: the profile's ``fold_bn``).
+``fake_bn`` (fold a following BatchNorm during training; default: the profile's ``fold_bn``), ``bn_freeze_step``
+(fake BN: the running statistics follow the batch statistics for this many training steps, then stay frozen, as
+Jacob et al. 2018 recommend; ``0``: frozen from the start, and the batch statistics are not computed at all;
+default ``None``: never frozen).
 
 A profile with ``quantize_outputs: non_layer_consumers`` (``onnx``) adds an output grid to the layers that
 ``deployq.quantize`` finds by topology (see ``deployq.api.output_points``), on the grid ``quant_types``
@@ -34,7 +37,7 @@ SCHEMES = {
     "per_tensor_affine": ("layer", False),
 }
 KEYS = {"op_types", "op_names", "op_names_re", "exclude", "quant_types", "quant_bits", "quant_dtype",
-        "quant_scheme", "quant_start_step", "input_mode", "fake_bn"}
+        "quant_scheme", "quant_start_step", "input_mode", "fake_bn", "bn_freeze_step"}
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,8 @@ class LayerConfig:
     input_mode: str = "offline"
     quant_start_step: int = 0
     fake_bn: bool = False
+    #: fake BN: training steps during which the running statistics follow the batch statistics (None: always)
+    bn_freeze_step: int | None = None
     entry: int = -1
     #: the output quantization point lies after the ReLU that follows the layer (through a folded BatchNorm):
     #: the layer applies that ReLU itself before quantizing its output (the ReLU block then changes nothing)
@@ -113,6 +118,10 @@ def validate(config_list: list[dict[str, Any]], profile: Profile) -> None:
         qs = d.get("quant_start_step", 0)
         if not isinstance(qs, int) or qs < 0:
             raise ConfigError(f"config_list[{i}].quant_start_step must be a non-negative integer")
+        fs = d.get("bn_freeze_step")
+        if fs is not None and (not isinstance(fs, int) or isinstance(fs, bool) or fs < 0):
+            raise ConfigError(f"config_list[{i}].bn_freeze_step must be a non-negative integer or None, "
+                              f"got {fs!r}")
 
 
 def _matches(d: dict[str, Any], name: str, op_type: str) -> bool:
@@ -173,6 +182,7 @@ def resolve(config_list: list[dict[str, Any]] | None, layers: dict[str, tuple[st
             input_mode=d.get("input_mode", "offline"),
             quant_start_step=d.get("quant_start_step", 0),
             fake_bn=d.get("fake_bn", profile.fold_bn),
+            bn_freeze_step=d.get("bn_freeze_step"),
             entry=i,
         )
         c = out[name]

@@ -16,9 +16,14 @@ from .simulate import calibrate_ranges
 from .zoo import evaluate, get_trained, seed_everything
 
 PROFILE = "ncnn"
+#: the demo's QAT: weights and inputs of every Conv2D/Dense on the profile's grid, fake BN with the fp32 model's
+#: running statistics frozen (``bn_freeze_step: 0``). Measured on MNIST-5k (ncnn int8 top-1, 2 epochs, cosine lr
+#: from 1e-3, four shuffles): mobilenet0.25 0.886-0.890 (fp32 0.888), resnet20 0.980-0.981 (fp32 0.982); with the
+#: statistics updated: 0.870-0.890 and 0.978-0.983
+QAT_CONFIG = [{"op_types": ["Conv2D", "Dense"], "quant_types": ["weight", "input"], "bn_freeze_step": 0}]
 
 
-def qat(qnet: gluon.HybridBlock, epochs: float = 1.0, lr: float = 0.01, batch_size: int = 64, seed: int = 0,
+def qat(qnet: gluon.HybridBlock, epochs: float = 2.0, lr: float = 0.001, batch_size: int = 64, seed: int = 0,
         quiet: bool = False) -> None:
     """Fine-tune a quantized net on MNIST-5k train: SGD (momentum 0.9, cosine lr), ``deployq.Trainer``."""
     train = load_mnist5k("train")
@@ -57,7 +62,7 @@ def _ncnn_step(qnet: gluon.HybridBlock, out_dir: Path, quiet: bool = False, mode
     return res
 
 
-def run_demo(model: str = "mobilenet0.25", qat_epochs: float = 2.0, lr: float = 0.005, seed: int = 0,
+def run_demo(model: str = "mobilenet0.25", qat_epochs: float = 2.0, lr: float = 0.001, seed: int = 0,
              out: str | Path = "deployq-demo", quiet: bool = False, num_sample: int = 10) -> dict:
     """Print and return fp32, PTQ and QAT int8 top-1 (MNIST-5k test, ncnn profile); saves the QAT net in ``out``."""
     t0 = time.time()
@@ -70,7 +75,7 @@ def run_demo(model: str = "mobilenet0.25", qat_epochs: float = 2.0, lr: float = 
     log = (lambda *a: None) if quiet else print
     log(f"[1/3] fp32 {model}: top-1 {100 * fp32:.2f}%")
 
-    qnet = api.quantize(get_trained(model, verbose=False), None, PROFILE, "qat")
+    qnet = api.quantize(get_trained(model, verbose=False), QAT_CONFIG, PROFILE, "qat")
     calib_x = train.x[class_balanced_subset(train.y, num_sample, seed)]
     calibrate_ranges(qnet, calib_x, "naive", epochs=3, seed=seed)
     qnet.hybridize(static_alloc=True)

@@ -63,6 +63,8 @@ def test_config_last_match_wins_whole_and_exclude():
     ([{"op_names_re": ["nothing.*"]}], "matches no Conv2D/Dense layer"),
     ([{"quant_dtype": {"input": "uint"}}], "signed symmetric int8"),
     ([{"op_types": ["LSTM"]}], "not supported"),
+    ([{"bn_freeze_step": -1}], "bn_freeze_step must be a non-negative integer"),
+    ([{"bn_freeze_step": 1.5}], "bn_freeze_step must be a non-negative integer"),
 ])
 def test_config_errors(bad, msg):
     with pytest.raises(deployq.ConfigError, match=msg):

@@ -7,6 +7,8 @@ with fake BN agree to float32 rounding. Gradients agree to rounding (MXNet compu
 
 from __future__ import annotations
 
+import json
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -31,6 +33,8 @@ CASES = [
      False),
     ("ncnn", "qat", [{"op_types": ["Conv2D", "Dense"], "quant_types": ["input", "weight", "output"],
                       "fake_bn": False}], False),
+    ("ncnn", "qat", [{"op_types": ["Conv2D", "Dense"], "bn_freeze_step": 2}], True),
+    ("ncnn", "qat", [{"op_types": ["Conv2D", "Dense"], "bn_freeze_step": 0}], True),
 ]
 
 
@@ -203,3 +207,43 @@ def test_fake_bn_correction_trains_like_batchnorm(native):
             outs[correction] = net(x).asnumpy()
     np.testing.assert_allclose(outs[True], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     assert np.abs(outs[False] - ref).max() > 1e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("freeze", [None, 0, 2])
+def test_bn_freeze_step(native, freeze):
+    """Fake-BN running statistics follow the batch statistics for ``bn_freeze_step`` training steps, then stay
+    bit-identical; with 0 they keep the fp32 BatchNorm's statistics and the statistics conv is not built."""
+    net = small_net(3)
+    bn_stats = {k: p.data().asnumpy().copy() for k, p in net._collect_params_with_prefix().items()
+                if k.endswith("running_mean")}
+    deployq.quantize(net, [{"op_types": ["Conv2D", "Dense"], "bn_freeze_step": freeze}], "ncnn", "qat")
+    deployq.use_native(net, native)
+    convs = sum(n["op"] == "Convolution" for n in json.loads(net(mx.sym.var("data")).tojson())["nodes"])
+    n_conv = sum(isinstance(b, gluon.nn.Conv2D) for b in deployq.quant_layers(net).values())
+    n_bn = sum(b._dq_bn_kwargs is not None for b in deployq.quant_layers(net).values())
+    assert n_bn > 0
+    assert convs == n_conv + (0 if freeze == 0 else n_bn)  # one statistics conv per fake-BN layer
+    net.hybridize(static_alloc=True)
+    trainer = deployq.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05})
+    rng = np.random.default_rng(0)
+    fake = [b for b in deployq.quant_layers(net).values() if b._dq_bn_kwargs is not None]
+    hist = [[b.fakebn_mean.data().asnumpy().copy() for b in fake]]
+    for _ in range(4):
+        x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+        with autograd.record():
+            loss = net(x).sum()
+        loss.backward()
+        trainer.step(8)
+        hist.append([b.fakebn_mean.data().asnumpy().copy() for b in fake])
+    limit = 4 if freeze is None else freeze
+    for step in range(4):
+        for before, after in zip(hist[step], hist[step + 1], strict=True):
+            if step < limit:
+                assert np.abs(after - before).max() > 1e-6, step
+            else:
+                np.testing.assert_array_equal(after, before)
+    if freeze == 0:
+        for b in fake:
+            ref = [v for k, v in bn_stats.items() if k.startswith(b.bn_path + ".")][0]
+            np.testing.assert_array_equal(b.fakebn_mean.data().asnumpy(), ref.astype(np.float64))

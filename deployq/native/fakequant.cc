@@ -4,7 +4,8 @@
 // operations in the same order; compiled with -ffp-contract=off so no fused multiply-add changes a rounding),
 // in one pass instead of ~30 small operators per layer:
 //
-//   dq_act_quant(x, state, is_train) -> (y, used)      range tracking + fake quantization of an activation
+//   dq_act_quant(x, state, is_train) -> (y, used)      range tracking + fake quantization of an activation;
+//                                                       used = [lo, hi, quantized, gate, steps before]
 //   dq_weight_quant(w, gate) -> wq                      per-layer / per-group / per-channel weight fake quant
 //   dq_bn_fold(w, gamma, beta, rm, rv[, b]) -> (w_f, b_f)  BN folding: k = gamma / sqrt(rv + eps),
 //                                                       w_f = w * k, b_f = beta + (b - rm) * k (b = 0 if absent)
@@ -202,7 +203,7 @@ MXReturnValue act_type(const Attrs&, std::vector<int>* in, std::vector<int>* out
 MXReturnValue act_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
                         std::vector<std::vector<unsigned int>>* out) {
   (*out)[0] = (*in)[0];
-  (*out)[1] = {4};
+  (*out)[1] = {5};
   return MX_SUCCESS;
 }
 MXReturnValue act_mutate(const Attrs&, std::vector<int>* idx) {
@@ -259,6 +260,7 @@ MXReturnValue act_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::ve
   used[1] = hi;
   used[2] = quantize ? 1.0f : 0.0f;
   used[3] = gate ? 1.0f : 0.0f;
+  used[4] = static_cast<float>(steps);
   if (!quantize) {
     if (y != x) std::memcpy(y, x, sizeof(float) * n);
     return MX_SUCCESS;
