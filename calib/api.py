@@ -244,24 +244,54 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     nb = _num_batches(data, batch_size, num_batches)
     bar = progress(total=None if nb is None else nb * len(passes), desc=f"calibrate {method}", disable=quiet)
     hasher = StreamHash()
+    native = _use_native()
     read = HostReader()
     work: dict = {}  # histogram scratch buffers
+    first_cal = {name: cs[0][1] for name, cs in by_internal.items()}  # calibrators of a tensor see the same data
     for kind, k in passes:
         src = _chain(first, it) if (kind, k) == passes[0] else iter_batches(data, batch_size, num_batches)
+        if native:
+            mode = "hist" if kind == "hist" else ("clip" if c0.observe_mode == "clip" and k == c0.range_passes - 1
+                                                  else "range")
+            stats_block = tap.stats_block(mode, c0.num_bins)
+            width, aux_width = ActivationTap.STATS_LAYOUT[mode][0](c0.num_bins), ActivationTap.STATS_LAYOUT[mode][1]
+            aux = None
+            if mode == "hist":
+                aux = mx.nd.array(np.array([first_cal[n].absmax for n in tap.internals]), dtype=np.float64)
+            elif mode == "clip":
+                aux = mx.nd.zeros(aux_width * len(tap.internals), dtype=np.float64)
         for b in src:
             x = _to_nd(b)
             if kind == "range" and k == 0:
                 hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
+            if native:
+                if mode == "clip":
+                    aux[:] = np.array([first_cal[n].state_row() for n in tap.internals], dtype=np.float64).ravel()
+                stats = (stats_block(x) if aux is None else stats_block(x, aux)).asnumpy()
+                sizes = tap.sizes(x.shape)
+                for i, name in enumerate(tap.internals):
+                    row = stats[i * width:(i + 1) * width]
+                    if kind == "range":
+                        lo, hi = float(row[0]), float(row[1])
+                        if not (np.isfinite(lo) and np.isfinite(hi)):
+                            _bad_activations("NaN" if np.isnan(lo) else "Inf", tap, name)
+                        for _, cal in by_internal[name]:
+                            cal.update_range(lo, hi, sizes[i], k)
+                            if mode == "clip":
+                                cal.observe_clipped(int(row[2]), sizes[i], k)
+                    else:
+                        counts = row[:c0.num_bins].astype(np.int64)
+                        for _, cal in by_internal[name]:
+                            cal.update_histogram(counts, int(row[c0.num_bins]))
+                bar.update(1)
+                continue
             outs = tap(x)
             for name, o in zip(tap.internals, outs, strict=True):
                 a = read(name, o)  # read before the next forward overwrites it
                 if kind == "range":
                     lo, hi = float(a.min()), float(a.max())
                     if not (np.isfinite(lo) and np.isfinite(hi)):
-                        bad = "NaN" if np.isnan(a).any() else "Inf"
-                        layers_here = sorted({p.layer for p in tap.points if p.internal == name})
-                        raise CalibrationError(f"{bad} activations at the input of layer(s) "
-                                               f"{', '.join(layers_here)}")
+                        _bad_activations("NaN" if np.isnan(a).any() else "Inf", tap, name)
                     for _, cal in by_internal[name]:
                         cal.update_range(lo, hi, a.size, k)
                         cal.observe(a, k)
@@ -310,6 +340,25 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     notes += check(sf, warn_clip_share, warn_threshold_ratio)
     sf.warnings = notes
     return sf
+
+
+def _bad_activations(bad: str, tap: ActivationTap, name: str) -> None:
+    layers_here = sorted({p.layer for p in tap.points if p.internal == name})
+    raise CalibrationError(f"{bad} activations at the input of layer(s) {', '.join(layers_here)}")
+
+
+#: False: always read the tapped tensors on the host (NumPy); None: the fused operator where it is available
+NATIVE: bool | None = None
+
+
+def _use_native() -> bool:
+    """Whether calibrate() reduces the activations in the graph with ``dq_calib_stats`` (deployq.native.calibops,
+    built on first use); otherwise they are read on the host and reduced in NumPy, with the same results."""
+    if NATIVE is False:
+        return False
+    from ..native import calibops
+
+    return calibops.available()
 
 
 def _layer_entry(blk: Any, prof: Profile) -> dict[str, Any]:

@@ -45,6 +45,10 @@ class Calibrator:
     range_passes: ClassVar[int] = 1
     #: whether a second pass streams a histogram of |x| over [0, absmax]
     uses_histogram: ClassVar[bool] = False
+    #: what the last range pass needs beyond the batch range, computed in the graph by the fused calibration
+    #: operator (``dq_calib_stats``): "range" (nothing) or "clip" (EMA's count of values beyond the running
+    #: threshold, given to ``observe_clipped``)
+    observe_mode: ClassVar[str] = "range"
 
     def __init__(self, grid: TensorGrid | None = None):
         self.grid = grid or TensorGrid()
@@ -66,6 +70,10 @@ class Calibrator:
     def observe(self, a: np.ndarray, pass_index: int = 0) -> None:
         """One batch of the range pass(es), the tensor itself (read-only, after ``update_range``); a method that
         needs more than the batch range (EMA's running clipped count) overrides this."""
+
+    def observe_clipped(self, clipped: int, n: int, pass_index: int = 0) -> None:
+        """``observe`` as computed in the graph (``observe_mode = "clip"``): the batch's ``n`` values, of which
+        ``clipped`` lie beyond the running threshold after ``update_range``."""
 
     def update_histogram(self, counts: np.ndarray, zeros: int) -> None:
         """One batch of the histogram pass: counts of non-zero |x| per bin, and the number of exact zeros."""

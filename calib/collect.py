@@ -3,6 +3,12 @@
 The net's symbol (``net(mx.sym.var('data'))``) is traced; for each Convolution/FullyConnected node (named by its
 structural path, ``features.0``) its data input is taken from ``sym.get_internals()``; the outputs are bound into
 one ``gluon.SymbolBlock`` that shares the net's parameters. A tensor consumed by several layers is computed once.
+
+With the fused calibration operator (``deployq.native.calibops``), :meth:`ActivationTap.stats_block` builds, per
+mode, a graph whose only output is ``dq_calib_stats`` over every tapped tensor (min/max, EMA clipped counts or
+histograms of |x|, one float64 vector per batch), so that no activation crosses to the host. Each tensor reaches
+the operator through a ``reshape(-1)``: oneDNN's reorder of a blocked-layout tensor into plain memory planned with
+the graph, much cheaper than the reorder MXNet's custom-operator interface makes (a fresh allocation per call).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 
 from ..naming import node_path, prefix_map, structure_fingerprint
@@ -81,6 +88,37 @@ class ActivationTap:
         self.block = gluon.SymbolBlock(outs, mx.sym.var("data"), params=net.collect_params())
         self.block.hybridize(static_alloc=True)
 
+        self._internal_syms = [internals[i] for i in self.internals]
+        self._params = net.collect_params()
+        self._stats: dict[tuple[str, int], gluon.SymbolBlock] = {}
+        self._sizes: dict[tuple[int, ...], list[int]] = {}
+
     def __call__(self, x: mx.nd.NDArray) -> list[mx.nd.NDArray]:
         out = self.block(x)
         return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    #: per mode: (values per tensor in the stats vector given num_bins, aux values per tensor or 0 for no aux)
+    STATS_LAYOUT = {"range": (lambda b: 2, 0), "clip": (lambda b: 3, 4), "hist": (lambda b: b + 1, 1)}
+
+    def stats_block(self, mode: str, num_bins: int = 2048) -> gluon.SymbolBlock:
+        """The graph ``(data[, aux]) -> dq_calib_stats(tensors..., mode)`` (needs deployq.native.calibops)."""
+        key = (mode, int(num_bins))
+        blk = self._stats.get(key)
+        if blk is None:
+            flat = [mx.sym.reshape(t, shape=(-1,)) for t in self._internal_syms]
+            inputs = [mx.sym.var("data")]
+            if self.STATS_LAYOUT[mode][1]:
+                inputs.append(mx.sym.var("calib_aux", dtype="float64"))
+            out = mx.sym.dq_calib_stats(*flat, *inputs[1:], mode=mode, num_inputs=len(flat), num_bins=int(num_bins))
+            blk = self._stats[key] = gluon.SymbolBlock(out, inputs, params=self._params)
+            blk.hybridize(static_alloc=True)
+        return blk
+
+    def sizes(self, shape: tuple[int, ...]) -> list[int]:
+        """Number of values of every tapped tensor for an input of ``shape``."""
+        n = self._sizes.get(shape)
+        if n is None:
+            syms = mx.sym.Group(self._internal_syms)
+            _, out_shapes, _ = syms.infer_shape_partial(data=shape)
+            n = self._sizes[shape] = [int(np.prod(s)) for s in out_shapes]
+        return n

@@ -21,6 +21,7 @@ from .base import Calibrator, RangeResult, register
 @register
 class EMACalibrator(Calibrator):
     name = "ema"
+    observe_mode = "clip"
 
     def __init__(self, grid: TensorGrid | None = None, momentum: float = 0.9, passes: int = 1):
         super().__init__(grid)
@@ -49,11 +50,24 @@ class EMACalibrator(Calibrator):
     def observe(self, a: np.ndarray, pass_index: int = 0) -> None:
         if pass_index != self.range_passes - 1:
             return
-        self.clip_total += int(a.size)
         t = np.float32(self.threshold())
         if self._batch_absmax <= t:  # nothing beyond the threshold in this batch
+            self.observe_clipped(0, a.size, pass_index)
             return
-        self.clip_count += int(np.count_nonzero(a > t)) + int(np.count_nonzero(a < -t))
+        self.observe_clipped(int(np.count_nonzero(a > t)) + int(np.count_nonzero(a < -t)), a.size, pass_index)
+
+    def observe_clipped(self, clipped: int, n: int, pass_index: int = 0) -> None:
+        if pass_index != self.range_passes - 1:
+            return
+        self.clip_total += int(n)
+        self.clip_count += int(clipped)
+
+    def state_row(self) -> tuple[float, float, float, float]:
+        """``[ema_lo, ema_hi, initialised, momentum]``: what ``dq_calib_stats(mode="clip")`` reads to repeat
+        ``update_range`` + ``observe`` in the graph."""
+        if self.ema_lo is None:
+            return (0.0, 0.0, 0.0, self.momentum)
+        return (self.ema_lo, self.ema_hi, 1.0, self.momentum)
 
     def threshold(self) -> float:
         if self.ema_lo is None:
