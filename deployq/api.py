@@ -17,6 +17,7 @@ from mxnet.gluon import nn
 from .blocks import (
     ALGORITHMS,
     QUANT_TYPES,
+    BypassActivation,
     BypassBatchNorm,
     OutputQuantizer,
     can_quantize_output,
@@ -125,6 +126,43 @@ def output_points(net: gluon.HybridBlock, folded: dict[str, str]) -> dict[str, b
                 t, relu = act, True
         if any(layer_of(nodes[c]) is None for c in consumers.get(t, [])):
             out[path] = relu
+    return out
+
+
+def input_relus(net: gluon.HybridBlock, cfgs: dict[str, LayerConfig]) -> dict[str, list[str]]:
+    """ReLU block path -> the quantized layers that read it, for every ``nn.Activation('relu')`` block whose
+    output only quantized Conv2D/Dense layers read (as their data input; not a graph output), by topology. Those
+    layers apply the ReLU in their input quantizer and the block is bypassed while the net is quantized."""
+    graph = json.loads(trace_symbol(net).tojson())
+    nodes, heads = graph["nodes"], {h[0] for h in graph["heads"]}
+    consumers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for src, *_ in n["inputs"]:
+            consumers.setdefault(src, []).append(i)
+    pm, paths = prefix_map(net), block_paths(net)
+
+    def path_of(n: dict[str, Any]) -> str | None:
+        return pm.get(n["name"][: -len("fwd")]) if n["name"].endswith("fwd") else None
+
+    out: dict[str, list[str]] = {}
+    for i, n in enumerate(nodes):
+        if n["op"] != "Activation" or i in heads or not consumers.get(i):
+            continue
+        act = path_of(n)
+        blk = paths.get(act) if act else None
+        if type(blk) is not nn.Activation or blk._act_type != "relu":
+            continue
+        readers = []
+        for c in consumers[i]:
+            cn = nodes[c]
+            layer = path_of(cn) if cn["op"] in ("Convolution", "FullyConnected") else None
+            cfg = cfgs.get(layer) if layer else None
+            if cfg is None or not cfg.quantized or [src for src, *_ in cn["inputs"]].count(i) != 1 \
+                    or cn["inputs"][0][0] != i:
+                break
+            readers.append(layer)
+        else:
+            out[act] = sorted(set(readers))
     return out
 
 
@@ -276,6 +314,10 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
         block_points = {}
     if prof.winograd_3x3 == "six_bit":
         cfgs = {k: _six_bit(c, paths[k]) for k, c in cfgs.items()}
+    relus = input_relus(net, cfgs)
+    for readers in relus.values():
+        for r in readers:
+            cfgs[r] = dataclasses.replace(cfgs[r], input_relu=True)
     for path, cfg in cfgs.items():
         if not cfg.quantized:
             continue
@@ -286,6 +328,8 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
         _replace_child(*_parent_of(paths, path), q)
         if bn is not None:
             _replace_child(*_parent_of(paths, bn_path), BypassBatchNorm.from_float(bn))
+    for act in relus:
+        _replace_child(*_parent_of(paths, act), BypassActivation.from_float(paths[act]))
     _add_output_quantizers(net, block_points, cfgs, prof, algorithm, ema_momentum)
     net._deployq = {"profile": prof.name, "profile_options": profile_options(prof), "algorithm": algorithm,
                     "config_list": config_list, "ema_momentum": ema_momentum}
@@ -342,7 +386,7 @@ def float_mode(net: gluon.Block):
     """Within this context the quantized net computes exactly its original fp32 graph."""
     blocks = list(block_paths(net).values())
     saved = [(b, b._dq_float) for b in blocks if is_quant_block(b) or is_output_quantizer(b)]
-    bns = [b for b in blocks if isinstance(b, BypassBatchNorm)]
+    bns = [b for b in blocks if isinstance(b, (BypassBatchNorm, BypassActivation))]
     for b, _ in saved:
         b._dq_float = True
         if is_quant_block(b):
@@ -392,7 +436,8 @@ def describe(net: gluon.Block) -> str:
             fbn = b.bn_path or "-"
             if b.bn_path and c.bn_freeze_step is not None:
                 fbn += f" (frozen at step {c.bn_freeze_step})"
-            rows.append((path, c.op_type, _grid_text(c.weight), _grid_text(c.input), out,
+            inp = _grid_text(c.input) + (" (ReLU fused)" if c.input_relu else "")
+            rows.append((path, c.op_type, _grid_text(c.weight), inp, out,
                          c.input_mode, fbn, str(c.quant_start_step), str(c.entry)))
         elif _float_type(b) is not None and path:
             rows.append((path, _float_type(b).__name__, "fp32", "fp32", "-", "-", "-", "-", "excluded"))

@@ -61,6 +61,26 @@ class BypassBatchNorm(nn.BatchNorm):
         return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var)
 
 
+class BypassActivation(nn.Activation):
+    """A ReLU block whose consumers (quantized layers only) apply the ReLU in their input quantizer: identity
+    while quantized, the ReLU in ``deployq.float_mode``. Same values either way (the quantizer computes
+    ``q(max(x, 0))``); one operator and its backward fewer per layer in training."""
+
+    _dq_bypass = True
+
+    @classmethod
+    def from_float(cls, act: nn.Activation) -> BypassActivation:
+        b = cls.__new__(cls)
+        b.__dict__.update(act.__dict__)
+        b._dq_bypass = True
+        return b
+
+    def hybrid_forward(self, F, x):
+        if self._dq_bypass:
+            return x
+        return super().hybrid_forward(F, x)
+
+
 def _assign(F, state, value, scratch, anchor):
     """Schedule ``state <- value`` for the backward pass of a training step (see the module docstring);
     returns a float32 zero that must be added into the gradient path. State is float64: MXNet then runs its
@@ -193,7 +213,7 @@ class _ActivationQuant:
     def _native(self) -> bool:
         return self._dq_use_native is not False and self.algorithm in NATIVE_ALGORITHMS and native.available()
 
-    def _native_activation(self, F, x, state, grid: TensorGrid | None, is_train):
+    def _native_activation(self, F, x, state, grid: TensorGrid | None, is_train, relu: bool = False):
         """(x̂, gate): ``dq_act_quant`` tracks the range of ``x`` and fake-quantizes it; ``gate`` (1,) is 1 where
         the weights are quantized too (after ``quant_start_step``, and not while an observer trains)."""
         prof = self.profile
@@ -204,7 +224,7 @@ class _ActivationQuant:
                                  momentum=repr(float(self._dq_momentum)), observer=int(self.algorithm == "observer"),
                                  online=int(self.layer_config.input_mode == "online"),
                                  mask_clipped=int(self.algorithm != "naive"),
-                                 start_step=self.layer_config.quant_start_step, **kw)
+                                 start_step=self.layer_config.quant_start_step, relu=int(relu), **kw)
         used = F.BlockGrad(used)  # read-only bookkeeping: no gradient flows into it
         self._dq_range = (F.slice_axis(used, axis=0, begin=0, end=1), F.slice_axis(used, axis=0, begin=1, end=2))
         self._dq_steps = F.slice_axis(used, axis=0, begin=4, end=5)  # training steps seen before this one
@@ -487,7 +507,7 @@ class _QuantMixin(_ActivationQuant):
         cfg = self.layer_config
         state = p["input_state"]
         is_train = _train_flag(F)
-        xq, gate = self._native_activation(F, x, state, cfg.input, is_train)
+        xq, gate = self._native_activation(F, x, state, cfg.input, is_train, relu=cfg.input_relu)
         if self._dq_bn_kwargs is not None:
             w, b = self._native_fold(F, xq, weight, bias, p, is_train)
         else:
@@ -523,6 +543,8 @@ class _QuantMixin(_ActivationQuant):
         if self._native():
             return self._native_forward(F, x, weight, bias, p)
         cfg = self.layer_config
+        if cfg.input_relu:  # the ReLU block before this layer is bypassed (BypassActivation)
+            x = F.relu(x)
         self._pins = []
         xq, steps, is_train = self._quant_activation(F, x, p["input_state"], p["input_state_scratch"],
                                                      p["input_state_anchor"], cfg.input, p.get("input_lsq_step"))

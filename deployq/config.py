@@ -62,6 +62,9 @@ class LayerConfig:
     #: the output quantization point lies after the ReLU that follows the layer (through a folded BatchNorm):
     #: the layer applies that ReLU itself before quantizing its output (the ReLU block then changes nothing)
     output_relu: bool = False
+    #: the layer's input is a ReLU block's output that only quantized layers read: the layer applies that ReLU
+    #: itself, fused into its input quantizer (the ReLU block is the identity while the net is quantized)
+    input_relu: bool = False
 
     @property
     def quantized(self) -> bool:

@@ -247,3 +247,55 @@ def test_bn_freeze_step(native, freeze):
         for b in fake:
             ref = [v for k, v in bn_stats.items() if k.startswith(b.bn_path + ".")][0]
             np.testing.assert_array_equal(b.fakebn_mean.data().asnumpy(), ref.astype(np.float64))
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("profile", ["ncnn", "onnx"])
+def test_fused_relu_is_exact(monkeypatch, native, profile):
+    """A ReLU block read only by quantized layers is applied by their input quantizers (the block bypassed):
+    outputs, gradients and tracked ranges are bit-identical to the net that runs the ReLU block."""
+    import deployq.api
+
+    def train(fuse: bool):
+        if not fuse:
+            monkeypatch.setattr(deployq.api, "input_relus", lambda net, cfgs: {})
+        net = small_net(4)
+        deployq.quantize(net, profile=profile)
+        monkeypatch.undo()
+        fused = [b.layer_config.input_relu for b in deployq.quant_layers(net).values()]
+        assert any(fused) == fuse
+        bypassed = [b for b in net._children.values() if isinstance(b, deployq.blocks.BypassActivation)]
+        assert len(bypassed) == (2 if fuse else 0)  # the ReLU before the pooling is not read by a layer
+        deployq.use_native(net, native)
+        net.hybridize(static_alloc=True)
+        trainer = deployq.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05})
+        rng = np.random.default_rng(1)
+        outs, grads = [], []
+        for _ in range(3):
+            x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+            with autograd.record():
+                out = net(x)
+                loss = (out * out).sum()
+            loss.backward()
+            outs.append(out.asnumpy())
+            grads.append({k: p.grad().asnumpy().copy() for k, p in net._collect_params_with_prefix().items()
+                          if p.grad_req != "null" and not k.endswith("_anchor")})
+            trainer.step(8)
+        x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+        with deployq.float_mode(net):
+            fp32 = net(x).asnumpy()
+        states = {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()
+                  if k.endswith("_state")}
+        return outs, grads, states, net(x).asnumpy(), fp32
+
+    a, b = train(True), train(False)
+    for u, v in zip(a[0], b[0], strict=True):
+        np.testing.assert_array_equal(u, v)
+    for ga, gb in zip(a[1], b[1], strict=True):
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            np.testing.assert_array_equal(ga[k], gb[k], err_msg=k)
+    for k in b[2]:
+        np.testing.assert_array_equal(a[2][k], b[2][k], err_msg=k)
+    np.testing.assert_array_equal(a[3], b[3])
+    np.testing.assert_array_equal(a[4], b[4])  # float_mode runs the ReLU blocks again

@@ -5,7 +5,8 @@
 // in one pass instead of ~30 small operators per layer:
 //
 //   dq_act_quant(x, state, is_train) -> (y, used)      range tracking + fake quantization of an activation;
-//                                                       used = [lo, hi, quantized, gate, steps before]
+//                                                       used = [lo, hi, quantized, gate, steps before];
+//                                                       relu=1: of max(x, 0) (a ReLU fused into the quantizer)
 //   dq_weight_quant(w, gate) -> wq                      per-layer / per-group / per-channel weight fake quant
 //   dq_bn_fold(w, gamma, beta, rm, rv[, b]) -> (w_f, b_f)  BN folding: k = gamma / sqrt(rv + eps),
 //                                                       w_f = w * k, b_f = beta + (b - rm) * k (b = 0 if absent)
@@ -80,12 +81,15 @@ inline float code_of(float x, float scale, float zp, float lo, float hi) {
   return round_code<EVEN>(v) + zp;
 }
 
-template <bool MULT, bool EVEN>
+// max(v, 0) as MXNet's relu computes it (-0 and NaN give +0)
+inline float relu(float v) { return v > 0.0f ? v : 0.0f; }
+
+template <bool MULT, bool EVEN, bool RELU>
 void quant_loop(const float* x, float* y, int64_t n, const Grid& g) {
   const float zp = g.affine ? g.zero_point : 0.0f, lo = g.qmin - zp - 1.0f, hi = g.qmax - zp + 1.0f;
   const float scale = g.scale, qmin = g.qmin, qmax = g.qmax;
   for (int64_t i = 0; i < n; ++i) {
-    float q = code_of<MULT, EVEN>(x[i], scale, zp, lo, hi);
+    float q = code_of<MULT, EVEN>(RELU ? relu(x[i]) : x[i], scale, zp, lo, hi);
     q = q < qmin ? qmin : q;
     q = q > qmax ? qmax : q;
     q = q - zp;
@@ -93,30 +97,41 @@ void quant_loop(const float* x, float* y, int64_t n, const Grid& g) {
   }
 }
 
-template <bool MULT, bool EVEN>
+template <bool MULT, bool EVEN, bool RELU>
 void mask_loop(const float* x, const float* dy, float* dx, int64_t n, const Grid& g) {
   const float zp = g.affine ? g.zero_point : 0.0f, lo = g.qmin - zp - 1.0f, hi = g.qmax - zp + 1.0f;
   const float scale = g.scale, qmin = g.qmin, qmax = g.qmax;
   for (int64_t i = 0; i < n; ++i) {
-    const float q = code_of<MULT, EVEN>(x[i], scale, zp, lo, hi);
-    dx[i] = (q >= qmin && q <= qmax) ? dy[i] : 0.0f;
+    const float q = code_of<MULT, EVEN>(RELU ? relu(x[i]) : x[i], scale, zp, lo, hi);
+    dx[i] = (q >= qmin && q <= qmax && (!RELU || x[i] > 0.0f)) ? dy[i] : 0.0f;
   }
 }
 
-// y = dequant(clip(code(x))): the fake-quantized tensor
-void fake_quant(const float* x, float* y, int64_t n, const Grid& g) {
+template <bool RELU>
+void fake_quant_t(const float* x, float* y, int64_t n, const Grid& g) {
   if (g.multiplier)
-    g.even ? quant_loop<true, true>(x, y, n, g) : quant_loop<true, false>(x, y, n, g);
+    g.even ? quant_loop<true, true, RELU>(x, y, n, g) : quant_loop<true, false, RELU>(x, y, n, g);
   else
-    g.even ? quant_loop<false, true>(x, y, n, g) : quant_loop<false, false>(x, y, n, g);
+    g.even ? quant_loop<false, true, RELU>(x, y, n, g) : quant_loop<false, false, RELU>(x, y, n, g);
 }
 
-// dx = dy where the code lies in [qmin, qmax], else 0 (the straight-through gradient with clipping)
-void clip_mask(const float* x, const float* dy, float* dx, int64_t n, const Grid& g) {
+// y = dequant(clip(code(x))): the fake-quantized tensor (of max(x, 0) with relu)
+void fake_quant(const float* x, float* y, int64_t n, const Grid& g, bool relu_first = false) {
+  relu_first ? fake_quant_t<true>(x, y, n, g) : fake_quant_t<false>(x, y, n, g);
+}
+
+template <bool RELU>
+void clip_mask_t(const float* x, const float* dy, float* dx, int64_t n, const Grid& g) {
   if (g.multiplier)
-    g.even ? mask_loop<true, true>(x, dy, dx, n, g) : mask_loop<true, false>(x, dy, dx, n, g);
+    g.even ? mask_loop<true, true, RELU>(x, dy, dx, n, g) : mask_loop<true, false, RELU>(x, dy, dx, n, g);
   else
-    g.even ? mask_loop<false, true>(x, dy, dx, n, g) : mask_loop<false, false>(x, dy, dx, n, g);
+    g.even ? mask_loop<false, true, RELU>(x, dy, dx, n, g) : mask_loop<false, false, RELU>(x, dy, dx, n, g);
+}
+
+// dx = dy where the code lies in [qmin, qmax] (and x > 0 with relu), else 0: the straight-through gradient
+// with clipping
+void clip_mask(const float* x, const float* dy, float* dx, int64_t n, const Grid& g, bool relu_first = false) {
+  relu_first ? clip_mask_t<true>(x, dy, dx, n, g) : clip_mask_t<false>(x, dy, dx, n, g);
 }
 
 // min and max of x (8 independent lanes, so the loop vectorizes; min/max are exact in any order)
@@ -151,7 +166,7 @@ inline float scale_from_threshold(float thr, float qmax, bool multiplier) {
 
 struct ActAttrs {
   int quant;  // 0: track only, 1: symmetric, 2: affine
-  bool is_signed, even, multiplier, observer, online, mask_clipped;
+  bool is_signed, even, multiplier, observer, online, mask_clipped, relu;
   float qmin, qmax;
   double momentum;
   int start_step;
@@ -163,6 +178,7 @@ struct ActAttrs {
         observer(attr_int(a, "observer", 0) != 0),
         online(attr_int(a, "online", 0) != 0),
         mask_clipped(attr_int(a, "mask_clipped", 1) != 0),
+        relu(attr_int(a, "relu", 0) != 0),
         qmin(static_cast<float>(attr_int(a, "qmin", -127))),
         qmax(static_cast<float>(attr_int(a, "qmax", 127))),
         momentum(attr_double(a, "momentum", 0.9)),
@@ -223,6 +239,10 @@ MXReturnValue act_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::ve
 
   float bl, bh;
   min_max(x, n, &bl, &bh);
+  if (a.relu) {  // the range of max(x, 0): exact, max is monotone
+    bl = relu(bl);
+    bh = relu(bh);
+  }
   const double old_lo = st[0], old_hi = st[1], steps = st[3];
   const bool init = st[2] > 0.5;
   double new_lo, new_hi;
@@ -262,10 +282,14 @@ MXReturnValue act_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::ve
   used[3] = gate ? 1.0f : 0.0f;
   used[4] = static_cast<float>(steps);
   if (!quantize) {
-    if (y != x) std::memcpy(y, x, sizeof(float) * n);
+    if (a.relu) {
+      for (int64_t i = 0; i < n; ++i) y[i] = relu(x[i]);
+    } else if (y != x) {
+      std::memcpy(y, x, sizeof(float) * n);
+    }
     return MX_SUCCESS;
   }
-  fake_quant(x, y, n, a.grid(lo, hi));
+  fake_quant(x, y, n, a.grid(lo, hi), a.relu);
   return MX_SUCCESS;
 }
 
@@ -279,9 +303,13 @@ MXReturnValue act_backward(const Attrs& attrs, std::vector<MXTensor>* in, std::v
   float* dx = (*out)[0].data<float>();
   const int64_t n = (*in)[0].size();
   if (used[2] == 0.0f || !a.mask_clipped) {
-    if (dx != dy) std::memcpy(dx, dy, sizeof(float) * n);
+    if (a.relu) {
+      for (int64_t i = 0; i < n; ++i) dx[i] = x[i] > 0.0f ? dy[i] : 0.0f;
+    } else if (dx != dy) {
+      std::memcpy(dx, dy, sizeof(float) * n);
+    }
   } else {
-    clip_mask(x, dy, dx, n, a.grid(used[0], used[1]));
+    clip_mask(x, dy, dx, n, a.grid(used[0], used[1]), a.relu);
   }
   std::memset((*out)[1].data_ptr, 0, sizeof(double) * (*out)[1].size());
   std::memset((*out)[2].data_ptr, 0, sizeof(float) * (*out)[2].size());
