@@ -111,7 +111,8 @@ def _train_flag(F):
     if not _TRAIN_FLAG:
         _TRAIN_FLAG.append(mx.sym.Dropout(mx.sym.ones(shape=(1,), name="dq_train_ones"), p=0.5,
                                           name="dq_train_dropout") != 1)
-    return _TRAIN_FLAG[0]
+    # a BlockGrad per reader: without it MXNet runs the backward of every operator that reads the shared node
+    return mx.sym.BlockGrad(_TRAIN_FLAG[0])
 
 
 def _reduce_absmax(F, w, granularity: str, groups: int, out_channels: int, ndim: int):
@@ -228,6 +229,7 @@ class _ActivationQuant:
         used = F.BlockGrad(used)  # read-only bookkeeping: no gradient flows into it
         self._dq_range = (F.slice_axis(used, axis=0, begin=0, end=1), F.slice_axis(used, axis=0, begin=1, end=2))
         self._dq_steps = F.slice_axis(used, axis=0, begin=4, end=5)  # training steps seen before this one
+        self._dq_train = F.slice_axis(used, axis=0, begin=5, end=6)  # 1 in a training forward
         return y, F.slice_axis(used, axis=0, begin=3, end=4)
 
     def _known_output(self, F, yq, y, state, is_train):
@@ -492,7 +494,10 @@ class _QuantMixin(_ActivationQuant):
             # the statistics conv reads the raw weights; BlockGrad on its inputs keeps it out of the backward
             y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
                               **{**self._kwargs, "no_bias": bias is None})
-            update = is_train if freeze is None else F.broadcast_mul(is_train, self._dq_steps < freeze)
+            # the flag as dq_act_quant saw it (reading the graph's shared flag here makes MXNet run this
+            # operator's backward)
+            train = self._dq_train
+            update = train if freeze is None else F.broadcast_mul(train, self._dq_steps < freeze)
             stats = F.dq_bn_stats(y, p["fakebn_mean"], p["fakebn_var"], update,
                                   momentum=repr(float(kw.get("momentum", 0.9))))
             rm, rv = F.BlockGrad(stats[0]), F.BlockGrad(stats[1])

@@ -5,7 +5,7 @@
 // in one pass instead of ~30 small operators per layer:
 //
 //   dq_act_quant(x, state, is_train) -> (y, used)      range tracking + fake quantization of an activation;
-//                                                       used = [lo, hi, quantized, gate, steps before];
+//                                                       used = [lo, hi, quantized, gate, steps before, train];
 //                                                       relu=1: of max(x, 0) (a ReLU fused into the quantizer)
 //   dq_weight_quant(w, gate) -> wq                      per-layer / per-group / per-channel weight fake quant
 //   dq_bn_fold(w, gamma, beta, rm, rv[, b]) -> (w_f, b_f)  BN folding: k = gamma / sqrt(rv + eps),
@@ -219,7 +219,7 @@ MXReturnValue act_type(const Attrs&, std::vector<int>* in, std::vector<int>* out
 MXReturnValue act_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
                         std::vector<std::vector<unsigned int>>* out) {
   (*out)[0] = (*in)[0];
-  (*out)[1] = {5};
+  (*out)[1] = {6};
   return MX_SUCCESS;
 }
 MXReturnValue act_mutate(const Attrs&, std::vector<int>* idx) {
@@ -281,6 +281,7 @@ MXReturnValue act_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::ve
   used[2] = quantize ? 1.0f : 0.0f;
   used[3] = gate ? 1.0f : 0.0f;
   used[4] = static_cast<float>(steps);
+  used[5] = train ? 1.0f : 0.0f;
   if (!quantize) {
     if (a.relu) {
       for (int64_t i = 0; i < n; ++i) y[i] = relu(x[i]);
