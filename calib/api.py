@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -243,7 +244,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                                "(array, list, DataLoader), not a one-shot iterator")
     nb = _num_batches(data, batch_size, num_batches)
     bar = progress(total=None if nb is None else nb * len(passes), desc=f"calibrate {method}", disable=quiet)
-    hasher = StreamHash()
+    hasher = _BackgroundHash()
     native = _use_native()
     read = HostReader()
     work: dict = {}  # histogram scratch buffers
@@ -302,6 +303,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                 del a
             bar.update(1)
     bar.close()
+    hasher.close()
     if hasher.n == 0:
         raise CalibrationError("no calibration data: the data source yielded no images")
 
@@ -310,6 +312,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                    f"deployq {__version__} calibrate --method {method}")
     notes: list[str] = []
     results = {}
+    computed = _compute_all([c for c in cals.values() if c.absmax != 0])
     for key, cal in cals.items():
         layers_here = ", ".join(layer_of[key])
         if cal.absmax == 0:
@@ -320,7 +323,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
             z = float(zero_threshold)
             results[key] = (z, -z if key[1].signed else 0.0, z, 0.0)
             continue
-        r = cal.compute()
+        r = computed[id(cal)]
         if getattr(cal, "guarded", False):
             notes.append(f"layer(s) {layers_here}: the KL threshold clipped more than {cal.max_clipped_share:g} "
                          f"of the values; raised to {r.threshold:.4g} (clip guard; max_clipped_share=None keeps "
@@ -340,6 +343,62 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     notes += check(sf, warn_clip_share, warn_threshold_ratio)
     sf.warnings = notes
     return sf
+
+
+class _BackgroundHash:
+    """A StreamHash fed from one worker thread (hashlib releases the GIL), in batch order, while the graph runs;
+    ``close()`` waits for it and gives ``n`` and ``hexdigest()``. The thread holds only the queue and the inner
+    hash, so when calibrate() fails midway the wrapper is collected and ``__del__`` ends the thread."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.inner = StreamHash()
+        self._q: Any = queue.SimpleQueue()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=_hash_worker, args=(self._q, self.inner, self._errors), daemon=True)
+        self._thread.start()
+
+    def update(self, x: np.ndarray) -> None:
+        self._q.put(x)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+    @property
+    def n(self) -> int:
+        return self.inner.n
+
+    def hexdigest(self) -> str:
+        return self.inner.hexdigest()
+
+    def __del__(self) -> None:
+        self._q.put(None)
+
+
+def _hash_worker(q: Any, h: StreamHash, errors: list[BaseException]) -> None:
+    while (x := q.get()) is not None:
+        if not errors:
+            try:
+                h.update(x)
+            except BaseException as e:  # re-raised by close()
+                errors.append(e)
+
+
+def _compute_all(cals: list[Calibrator]) -> dict[int, Any]:
+    """``{id(cal): cal.compute()}``; histogram methods (KL's search is ~10 ms of NumPy per tensor, most of it
+    outside the GIL) in two threads: each calibrator computes alone on its own state, so the results are the
+    same as in a loop."""
+    if len(cals) < 4 or not cals[0].uses_histogram:
+        return {id(c): c.compute() for c in cals}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as ex:
+        return {id(c): r for c, r in zip(cals, ex.map(lambda c: c.compute(), cals), strict=True)}
 
 
 def _bad_activations(bad: str, tap: ActivationTap, name: str) -> None:

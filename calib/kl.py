@@ -19,6 +19,8 @@ result unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..profiles import TensorGrid
@@ -33,6 +35,26 @@ def _integral(prefix: np.ndarray, dens: np.ndarray, x: np.ndarray) -> np.ndarray
     return prefix[f] + (x - f) * dens[f]
 
 
+@functools.lru_cache(maxsize=4)
+def _grid(n: int, levels: int) -> tuple[np.ndarray, ...]:
+    """The parts of :func:`kl_divergences` that depend only on the histogram length and ``levels`` (candidate t,
+    merged-bin edges and their floor/fraction/ceil indices), computed once per (n, levels); read-only."""
+    ti = np.arange(levels, n)
+    t = ti.astype(np.float64)[:, None]  # (T, 1)
+    npb = t / levels
+    e = np.arange(levels + 1, dtype=np.float64)[None, :] * npb  # merged-bin edges, e[:, -1] = t (T, L + 1)
+    fl = np.floor(e)
+    f = e - fl  # > 0 where an edge falls inside bin floor(e)
+    fi = np.minimum(fl.astype(np.int64), n - 1)
+    ci = fi + (f > 0)  # ceil(e)
+    fb, kb = f[:, 1:-1], fi[:, 1:-1]  # inner edges
+    inside = fb > 0
+    out = (ti, npb, f, fi, np.ascontiguousarray(fi[:, 1:]), np.ascontiguousarray(ci[:, :-1]), fb, kb, inside)
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
 def kl_divergences(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS) -> np.ndarray:
     """KL(P_t || Q_t) for every candidate t in [levels, len(hist)), vectorised over t in O(levels) per t.
 
@@ -41,7 +63,8 @@ def kl_divergences(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS) -> 
     j, so the second sum is ``sum_j log(q_j + eps) * (pe summed over those bins)`` (prefix sums), plus one term
     per merged-bin edge that falls inside a bin (``Q_k = f q_j + (1 - f) q_{j+1} + eps``), plus the tail times
     ``log(q_last + eps)``. ``levels`` is a power of two, so ``t / levels`` and every edge are exact in float64.
-    Equal to the literal ncnn2table loop (tests/calib/test_methods.py) up to float rounding.
+    Equal to the literal ncnn2table loop (tests/calib/test_methods.py) up to float rounding. The index arrays,
+    which do not depend on the histogram, are cached (:func:`_grid`).
     """
     h = np.asarray(hist, dtype=np.float64)
     n = len(h)
@@ -54,22 +77,14 @@ def kl_divergences(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS) -> 
     pe = h + eps
     sp = np.concatenate([[0.0], np.cumsum(pe)])
     spl = np.concatenate([[0.0], np.cumsum(pe * np.log(pe))])
-    ti = np.arange(levels, n)
-    t = ti.astype(np.float64)[:, None]  # (T, 1)
-    npb = t / levels
-    e = np.arange(levels + 1, dtype=np.float64)[None, :] * npb  # merged-bin edges, e[:, -1] = t (T, L + 1)
-    fl = np.floor(e)
-    f = e - fl  # > 0 where an edge falls inside bin floor(e)
-    fi = np.minimum(fl.astype(np.int64), n - 1)
+    ti, npb, f, fi, fi_hi, ci_lo, fb, kb, inside = _grid(n, int(levels))
     integ = prefix[fi] + f * h[fi]  # integral of h over [0, e)
     q = np.diff(integ, axis=1) / npb  # mean density of each merged bin (T, L)
     lq = np.log(q + eps)
-    ci = fi + (f > 0)  # ceil(e)
-    inner = sp[fi[:, 1:]] - sp[ci[:, :-1]]  # pe summed over the bins wholly inside each merged bin
+    inner = sp[fi_hi] - sp[ci_lo]  # pe summed over the bins wholly inside each merged bin
     cross = np.einsum("ij,ij->i", lq, inner)
-    fb, kb = f[:, 1:-1], fi[:, 1:-1]  # inner edges
     mix = fb * q[:, :-1] + (1.0 - fb) * q[:, 1:] + eps
-    cross += np.einsum("ij,ij->i", np.where(fb > 0, pe[kb], 0.0), np.log(mix))
+    cross += np.einsum("ij,ij->i", np.where(inside, pe[kb], 0.0), np.log(mix))
     last = pe[ti - 1] + tail[ti]
     cross += tail[ti] * lq[:, -1]
     return spl[ti - 1] + last * np.log(last) - cross
