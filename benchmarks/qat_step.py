@@ -1,7 +1,9 @@
 """Time of a QAT training step over an fp32 training step (mobilenet0.25, 3x32x32, batch 64, hybridized).
 
-Prints the median step time of fp32, QAT (ncnn profile, fake BN = the profile default) and QAT without fake BN
-(``fake_bn: False``), and their ratios to fp32 (target: QAT <= 1.5x). Usage:
+Prints the median step time of fp32, QAT (ncnn profile, fake BN = the profile default, running statistics
+updated from the batch statistics of the raw conv), QAT with the statistics frozen (``bn_freeze_step: 0``, the
+``deployq demo`` recipe: no statistics conv) and QAT without fake BN (``fake_bn: False``), and their ratios to
+fp32 (target: QAT <= 1.5x). Usage:
 ``OMP_NUM_THREADS=2 python benchmarks/qat_step.py [--steps 20] [--warmup 5]``.
 """
 
@@ -64,6 +66,8 @@ def main() -> None:
     variants = {
         "fp32": (None, False),
         "QAT (fake BN)": (None, True),
+        "QAT (frozen BN stats)": ([{"op_types": ["Conv2D", "Dense"], "quant_types": ["weight", "input"],
+                                    "bn_freeze_step": 0}], True),
         "QAT (fake_bn: False)": ([{"op_types": ["Conv2D", "Dense"], "quant_types": ["weight", "input"],
                                    "fake_bn": False}], True),
     }
@@ -77,9 +81,9 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     base = med["fp32"]
     for name, t in med.items():
-        print(f"{name:22s} {1000 * t:8.1f} ms/step   {t / base:5.2f}x fp32")
-    print(f"QAT/fp32 ratio: {med['QAT (fake BN)'] / base:.2f}x (target <= 1.5x); without fake BN: "
-          f"{med['QAT (fake_bn: False)'] / base:.2f}x")
+        print(f"{name:23s} {1000 * t:8.1f} ms/step   {t / base:5.2f}x fp32")
+    print(f"QAT/fp32 ratio: {med['QAT (fake BN)'] / base:.2f}x (target <= 1.5x); frozen BN statistics: "
+          f"{med['QAT (frozen BN stats)'] / base:.2f}x; without fake BN: {med['QAT (fake_bn: False)'] / base:.2f}x")
 
 
 if __name__ == "__main__":

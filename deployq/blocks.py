@@ -228,8 +228,7 @@ class _ActivationQuant:
                                  start_step=self.layer_config.quant_start_step, relu=int(relu), **kw)
         used = F.BlockGrad(used)  # read-only bookkeeping: no gradient flows into it
         self._dq_range = (F.slice_axis(used, axis=0, begin=0, end=1), F.slice_axis(used, axis=0, begin=1, end=2))
-        self._dq_steps = F.slice_axis(used, axis=0, begin=4, end=5)  # training steps seen before this one
-        self._dq_train = F.slice_axis(used, axis=0, begin=5, end=6)  # 1 in a training forward
+        self._dq_used = used  # [lo, hi, quantized, gate, steps before this one, training]: read by index
         return y, F.slice_axis(used, axis=0, begin=3, end=4)
 
     def _known_output(self, F, yq, y, state, is_train):
@@ -480,7 +479,8 @@ class _QuantMixin(_ActivationQuant):
         if self.algorithm == "dorefa":
             wq = self._quant_weight(F, w, {})
             return w + F.broadcast_mul(gate, wq - w) if self.layer_config.quant_start_step > 0 else wq
-        return F.dq_weight_quant(w, gate, units=self._lsq_units(grid), qmin=grid.qmin, qmax=grid.qmax,
+        return F.dq_weight_quant(w, self._dq_used, gate_index=3, units=self._lsq_units(grid), qmin=grid.qmin,
+                                 qmax=grid.qmax,
                                  rounding=self.profile.rounding, convention=self.profile.scale_convention)
 
     def _native_fold(self, F, x, weight, bias, p, is_train):
@@ -494,11 +494,10 @@ class _QuantMixin(_ActivationQuant):
             # the statistics conv reads the raw weights; BlockGrad on its inputs keeps it out of the backward
             y = F.Convolution(F.BlockGrad(x), F.BlockGrad(weight), None if bias is None else F.BlockGrad(bias),
                               **{**self._kwargs, "no_bias": bias is None})
-            # the flag as dq_act_quant saw it (reading the graph's shared flag here makes MXNet run this
-            # operator's backward)
-            train = self._dq_train
-            update = train if freeze is None else F.broadcast_mul(train, self._dq_steps < freeze)
-            stats = F.dq_bn_stats(y, p["fakebn_mean"], p["fakebn_var"], update,
+            # the training flag and step count as dq_act_quant saw them (reading the graph's shared flag here
+            # makes MXNet run this operator's backward)
+            stats = F.dq_bn_stats(y, p["fakebn_mean"], p["fakebn_var"], self._dq_used, train_index=5, steps_index=4,
+                                  freeze_step=-1 if freeze is None else int(freeze),
                                   momentum=repr(float(kw.get("momentum", 0.9))))
             rm, rv = F.BlockGrad(stats[0]), F.BlockGrad(stats[1])
             if self.fake_bn_correction:

@@ -8,9 +8,10 @@
 //                                                       used = [lo, hi, quantized, gate, steps before, train];
 //                                                       relu=1: of max(x, 0) (a ReLU fused into the quantizer)
 //   dq_weight_quant(w, gate) -> wq                      per-layer / per-group / per-channel weight fake quant
+//                                                       (gate[gate_index] == 0: w unchanged)
 //   dq_bn_fold(w, gamma, beta, rm, rv[, b]) -> (w_f, b_f)  BN folding: k = gamma / sqrt(rv + eps),
 //                                                       w_f = w * k, b_f = beta + (b - rm) * k (b = 0 if absent)
-//   dq_bn_stats(y, mean, var, is_train) -> (rm, rv, bm, bv)
+//   dq_bn_stats(y, mean, var, flags) -> (rm, rv, bm, bv) (see bn_forward for the flags)
 //                                                       fake-BN running-statistics update; rm/rv: the running
 //                                                       statistics after the update, bm/bv: the batch's (training)
 //                                                       or again the running ones (inference)
@@ -340,7 +341,8 @@ MXReturnValue w_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
 MXReturnValue w_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
                         const OpResource&) {
   const float* w = (*in)[0].data<float>();
-  const bool gate = (*in)[1].data<float>()[0] != 0.0f;
+  // gate: element gate_index of input 1 (dq_act_quant's used vector: no slice operator per layer)
+  const bool gate = (*in)[1].data<float>()[attr_int(attrs, "gate_index", 0)] != 0.0f;
   float* wq = (*out)[0].data<float>();
   const int64_t n = (*in)[0].size();
   if (!gate) {
@@ -405,7 +407,12 @@ MXReturnValue bn_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vec
   const float* y = yt.data<float>();
   double* mean = (*in)[1].data<double>();
   double* var = (*in)[2].data<double>();
-  const bool train = (*in)[3].data<float>()[0] != 0.0f;
+  // input 3: a flag vector (dq_act_quant's used vector) read at train_index; with freeze_step >= 0 the
+  // statistics are updated only while flags[steps_index] (training steps seen) < freeze_step
+  const float* flags = (*in)[3].data<float>();
+  const int freeze_step = attr_int(attrs, "freeze_step", -1);
+  const bool train = flags[attr_int(attrs, "train_index", 0)] != 0.0f &&
+                     (freeze_step < 0 || flags[attr_int(attrs, "steps_index", 0)] < static_cast<float>(freeze_step));
   float* rm = (*out)[0].data<float>();
   float* rv = (*out)[1].data<float>();
   float* bm = (*out)[2].data<float>();
@@ -417,37 +424,36 @@ MXReturnValue bn_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vec
     const double m = attr_double(attrs, "momentum", 0.9);
     const double count = static_cast<double>(batch * inner);
     for (int64_t k = 0; k < c; ++k) {
-      // two passes (mean, then squared deviations) in float64, 8 lanes each so that the loops vectorize
+      // one pass: sum and sum of squares in float64 (8 lanes each, so that the loop vectorizes);
+      // var = E[y^2] - mean^2 loses nothing a float32 result could show for activations whose mean is within
+      // ~1e4 standard deviations
       double s8[8] = {0}, ss8[8] = {0};
       for (int64_t b = 0; b < batch; ++b) {
         const float* p = y + (b * c + k) * inner;
         int64_t i = 0;
         for (; i + 8 <= inner; i += 8)
-          for (int l = 0; l < 8; ++l) s8[l] += p[i + l];
-        for (; i < inner; ++i) s8[0] += p[i];
-      }
-      double s = 0.0;
-      for (int l = 0; l < 8; ++l) s += s8[l];
-      const double mu = s / count;
-      for (int64_t b = 0; b < batch; ++b) {
-        const float* p = y + (b * c + k) * inner;
-        int64_t i = 0;
-        for (; i + 8 <= inner; i += 8)
           for (int l = 0; l < 8; ++l) {
-            const double d = p[i + l] - mu;
-            ss8[l] += d * d;
+            const double v = p[i + l];
+            s8[l] += v;
+            ss8[l] += v * v;
           }
         for (; i < inner; ++i) {
-          const double d = p[i] - mu;
-          ss8[0] += d * d;
+          const double v = p[i];
+          s8[0] += v;
+          ss8[0] += v * v;
         }
       }
-      double ss = 0.0;
-      for (int l = 0; l < 8; ++l) ss += ss8[l];
+      double s = 0.0, ss = 0.0;
+      for (int l = 0; l < 8; ++l) {
+        s += s8[l];
+        ss += ss8[l];
+      }
+      const double mu = s / count;
+      const double var_b = std::max(ss / count - mu * mu, 0.0);
       mean[k] = mean[k] * m + mu * (1.0 - m);
-      var[k] = var[k] * m + (ss / count) * (1.0 - m);
+      var[k] = var[k] * m + var_b * (1.0 - m);
       bm[k] = static_cast<float>(mu);
-      bv[k] = static_cast<float>(ss / count);
+      bv[k] = static_cast<float>(var_b);
     }
   }
   for (int64_t k = 0; k < c; ++k) {
