@@ -55,13 +55,20 @@ def trace_symbol(net: gluon.HybridBlock) -> mx.sym.Symbol:
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def conv_bn_pairs(net: gluon.HybridBlock) -> dict[str, str]:
-    """Conv2D path -> BatchNorm path for every convolution whose only consumer is a BatchNorm (by topology)."""
-    nodes = json.loads(trace_symbol(net).tojson())["nodes"]
+def _graph(net: gluon.HybridBlock) -> tuple[list[dict[str, Any]], set[int], dict[int, list[int]]]:
+    """The traced graph's nodes, the indices of its outputs and, per node index, the nodes reading it."""
+    graph = json.loads(trace_symbol(net).tojson())
+    nodes, heads = graph["nodes"], {h[0] for h in graph["heads"]}
     consumers: dict[int, list[int]] = {}
     for i, n in enumerate(nodes):
         for src, *_ in n["inputs"]:
             consumers.setdefault(src, []).append(i)
+    return nodes, heads, consumers
+
+
+def conv_bn_pairs(net: gluon.HybridBlock) -> dict[str, str]:
+    """Conv2D path -> BatchNorm path for every convolution whose only consumer is a BatchNorm (by topology)."""
+    nodes, _, consumers = _graph(net)
     pm = prefix_map(net)
     by_prefix = {p: path for p, path in pm.items()}
     pairs = {}
@@ -87,12 +94,7 @@ def output_points(net: gluon.HybridBlock, folded: dict[str, str]) -> dict[str, b
     (so that ``Conv -> ReLU -> Q`` is what an engine fuses). A layer qualifies when that tensor has a consumer
     other than a Conv2D/Dense layer (Add, pooling, concat, ...); the graph output does not count. A layer
     followed by a BatchNorm that is not folded gets none (the point would lie between the two)."""
-    graph = json.loads(trace_symbol(net).tojson())
-    nodes, heads = graph["nodes"], {h[0] for h in graph["heads"]}
-    consumers: dict[int, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for src, *_ in n["inputs"]:
-            consumers.setdefault(src, []).append(i)
+    nodes, heads, consumers = _graph(net)
     pm, paths = prefix_map(net), block_paths(net)
 
     def layer_of(n: dict[str, Any]) -> str | None:
@@ -133,12 +135,7 @@ def input_relus(net: gluon.HybridBlock, cfgs: dict[str, LayerConfig]) -> dict[st
     """ReLU block path -> the quantized layers that read it, for every ``nn.Activation('relu')`` block whose
     output only quantized Conv2D/Dense layers read (as their data input; not a graph output), by topology. Those
     layers apply the ReLU in their input quantizer and the block is bypassed while the net is quantized."""
-    graph = json.loads(trace_symbol(net).tojson())
-    nodes, heads = graph["nodes"], {h[0] for h in graph["heads"]}
-    consumers: dict[int, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for src, *_ in n["inputs"]:
-            consumers.setdefault(src, []).append(i)
+    nodes, heads, consumers = _graph(net)
     pm, paths = prefix_map(net), block_paths(net)
 
     def path_of(n: dict[str, Any]) -> str | None:

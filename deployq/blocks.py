@@ -42,18 +42,23 @@ ALGORITHMS = ("naive", "qat", "dorefa", "lsq", "bnn", "observer")
 NATIVE_ALGORITHMS = ("naive", "qat", "dorefa", "observer")
 
 
-class BypassBatchNorm(nn.BatchNorm):
-    """A BatchNorm folded into the preceding QuantConv2D: identity while quantized, a plain BatchNorm in
-    ``deployq.float_mode``."""
+class _Bypass:
+    """A block whose work a quantized layer does: identity while quantized (``_dq_bypass``), the original block
+    in ``deployq.float_mode``. ``from_float`` takes over a block's state and parameters."""
 
     _dq_bypass = True
 
     @classmethod
-    def from_float(cls, bn: nn.BatchNorm) -> BypassBatchNorm:
+    def from_float(cls, blk: gluon.HybridBlock):
         b = cls.__new__(cls)
-        b.__dict__.update(bn.__dict__)
+        b.__dict__.update(blk.__dict__)
         b._dq_bypass = True
         return b
+
+
+class BypassBatchNorm(_Bypass, nn.BatchNorm):
+    """A BatchNorm folded into the preceding QuantConv2D: identity while quantized, a plain BatchNorm in
+    ``deployq.float_mode``."""
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
         if self._dq_bypass:
@@ -61,19 +66,10 @@ class BypassBatchNorm(nn.BatchNorm):
         return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var)
 
 
-class BypassActivation(nn.Activation):
+class BypassActivation(_Bypass, nn.Activation):
     """A ReLU block whose consumers (quantized layers only) apply the ReLU in their input quantizer: identity
     while quantized, the ReLU in ``deployq.float_mode``. Same values either way (the quantizer computes
     ``q(max(x, 0))``); one operator and its backward fewer per layer in training."""
-
-    _dq_bypass = True
-
-    @classmethod
-    def from_float(cls, act: nn.Activation) -> BypassActivation:
-        b = cls.__new__(cls)
-        b.__dict__.update(act.__dict__)
-        b._dq_bypass = True
-        return b
 
     def hybrid_forward(self, F, x):
         if self._dq_bypass:

@@ -38,6 +38,25 @@ CASES = [
 ]
 
 
+def _train_steps(net, rng, steps: int, loss_of):
+    """``steps`` SGD steps of ``net`` (hybridized) on random 8x3x8x8 batches; returns the training outputs and
+    the gradients of every trained parameter, per step."""
+    net.hybridize(static_alloc=True)
+    trainer = deployq.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05})
+    outs, grads = [], []
+    for _ in range(steps):
+        x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+        with autograd.record():
+            out = net(x)
+            loss = loss_of(out)
+        loss.backward()
+        outs.append(out.asnumpy())
+        grads.append({k: p.grad().asnumpy().copy() for k, p in net._collect_params_with_prefix().items()
+                      if p.grad_req != "null" and not k.endswith("_anchor")})
+        trainer.step(8)
+    return outs, grads
+
+
 def _train(profile, algorithm, config, native: bool, correction: bool = False):
     net = small_net(3)
     deployq.quantize(net, config, profile, algorithm)
@@ -45,22 +64,9 @@ def _train(profile, algorithm, config, native: bool, correction: bool = False):
         b.fake_bn_correction = correction
     deployq.use_native(net, native)
     assert all(b._native() == native for b in deployq.quant_layers(net).values())
-    net.hybridize(static_alloc=True)
-    trainer = deployq.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05})
     rng = np.random.default_rng(0)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    outs, grads = [], []
-    for _ in range(4):
-        x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
-        y = mx.nd.array(rng.integers(0, 10, 8))
-        with autograd.record():
-            out = net(x)
-            loss = loss_fn(out, y)
-        loss.backward()
-        outs.append(out.asnumpy())
-        grads.append({k: p.grad().asnumpy().copy() for k, p in net._collect_params_with_prefix().items()
-                      if p.grad_req != "null" and not k.endswith("_anchor")})
-        trainer.step(8)
+    outs, grads = _train_steps(net, rng, 4, lambda out: loss_fn(out, mx.nd.array(rng.integers(0, 10, 8))))
     x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
     states = {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()
               if k.endswith(("input_state", "output_state"))}
@@ -267,20 +273,8 @@ def test_fused_relu_is_exact(monkeypatch, native, profile):
         bypassed = [b for b in net._children.values() if isinstance(b, deployq.blocks.BypassActivation)]
         assert len(bypassed) == (2 if fuse else 0)  # the ReLU before the pooling is not read by a layer
         deployq.use_native(net, native)
-        net.hybridize(static_alloc=True)
-        trainer = deployq.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05})
         rng = np.random.default_rng(1)
-        outs, grads = [], []
-        for _ in range(3):
-            x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
-            with autograd.record():
-                out = net(x)
-                loss = (out * out).sum()
-            loss.backward()
-            outs.append(out.asnumpy())
-            grads.append({k: p.grad().asnumpy().copy() for k, p in net._collect_params_with_prefix().items()
-                          if p.grad_req != "null" and not k.endswith("_anchor")})
-            trainer.step(8)
+        outs, grads = _train_steps(net, rng, 3, lambda out: (out * out).sum())
         x = mx.nd.array(rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
         with deployq.float_mode(net):
             fp32 = net(x).asnumpy()

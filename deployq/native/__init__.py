@@ -38,7 +38,8 @@ def _arch_flags() -> list[str]:
     return ["-mavx2"] if "avx2" in flags else []
 
 
-def _build(target: Path) -> None:
+def _build(source: Path, target: Path) -> None:
+    """Compile ``source`` with MXNet's ``lib_api.cc`` into the shared library ``target`` (atomically)."""
     import mxnet as mx
 
     mxdir = Path(mx.__file__).parent
@@ -50,31 +51,37 @@ def _build(target: Path) -> None:
         out = Path(tmp) / target.name
         cmd = [cxx, "-shared", "-fPIC", "-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math",
                "-fno-trapping-math", *_arch_flags(), f"-I{mxdir / 'include'}", f"-I{mxdir / 'include' / 'mxnet'}",
-               str(SOURCE), str(mxdir / "src" / "lib_api.cc"), "-o", str(out)]
+               str(source), str(mxdir / "src" / "lib_api.cc"), "-o", str(out)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
         os.replace(out, target)  # atomic: a concurrent build never sees a half-written library
 
 
-@functools.lru_cache(maxsize=1)
-def available() -> bool:
-    """True when the fused operators are loaded (built on first use); False (with one warning) otherwise."""
+def load_library(source: Path, stem: str, ops: tuple[str, ...], without: str) -> bool:
+    """Build (first use) and load the operator library of ``source`` (cache key: source, MXNet version, arch
+    flags); True when ``ops`` are registered. ``without``: what deployq does instead, for the warning."""
     if os.environ.get("DEPLOYQ_NATIVE", "1") == "0":
         return False
     import mxnet as mx
 
-    if all(hasattr(mx.nd, op) for op in OPS):
+    if all(hasattr(mx.nd, op) and hasattr(mx.sym, op) for op in ops):
         return True
-    key = hashlib.sha256(SOURCE.read_bytes() + mx.__version__.encode() + " ".join(_arch_flags()).encode()
+    key = hashlib.sha256(source.read_bytes() + mx.__version__.encode() + " ".join(_arch_flags()).encode()
                          ).hexdigest()[:16]
-    lib = _cache_dir() / f"libdeployq_fakequant-{key}.so"
+    lib = _cache_dir() / f"{stem}-{key}.so"
     try:
         if not lib.exists():
-            _build(lib)
+            _build(source, lib)
         mx.library.load(str(lib), False)
     except (RuntimeError, OSError, mx.base.MXNetError) as e:
-        warnings.warn(f"deployq: fused fake-quant operators unavailable ({e}); using MXNet operators "
-                      f"(same results, slower QAT)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"deployq: fused operators of {source.name} unavailable ({e}); {without}", RuntimeWarning,
+                      stacklevel=3)
         return False
-    return all(hasattr(mx.nd, op) for op in OPS)
+    return all(hasattr(mx.nd, op) and hasattr(mx.sym, op) for op in ops)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True when the fused operators are loaded (built on first use); False (with one warning) otherwise."""
+    return load_library(SOURCE, "libdeployq_fakequant", OPS, "using MXNet operators (same results, slower QAT)")
