@@ -63,7 +63,7 @@ def _ncnn_step(qnet: gluon.HybridBlock, out_dir: Path, quiet: bool = False, mode
 
 
 def run_demo(model: str = "mobilenet0.25", qat_epochs: float = 2.0, lr: float = 0.001, seed: int = 0,
-             out: str | Path = "deployq-demo", quiet: bool = False, num_sample: int = 10) -> dict:
+             out: str | Path = "deployq-demo", quiet: bool = False, num_sample: int = 100) -> dict:
     """Print and return fp32, PTQ and QAT int8 top-1 (MNIST-5k test, ncnn profile); saves the QAT net in ``out``."""
     t0 = time.time()
     out_dir = Path(out)
@@ -77,10 +77,10 @@ def run_demo(model: str = "mobilenet0.25", qat_epochs: float = 2.0, lr: float = 
 
     qnet = api.quantize(get_trained(model, verbose=False), QAT_CONFIG, PROFILE, "qat")
     calib_x = train.x[class_balanced_subset(train.y, num_sample, seed)]
-    calibrate_ranges(qnet, calib_x, "naive", epochs=3, seed=seed)
+    calibrate_ranges(qnet, calib_x, "minmax", seed=seed)  # the PTQ start of benchmarks/ncnn_accuracy.py
     qnet.hybridize(static_alloc=True)
     ptq = evaluate(qnet, test)
-    log(f"[2/3] PTQ  (ncnn int8, {len(calib_x)} calibration images): top-1 {100 * ptq:.2f}%")
+    log(f"[2/3] PTQ  (ncnn int8, min-max over {len(calib_x)} calibration images): top-1 {100 * ptq:.2f}%")
 
     qat(qnet, qat_epochs, lr, seed=seed, quiet=quiet)
     qat_acc = evaluate(qnet, test)
