@@ -269,21 +269,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                 if mode == "clip":
                     aux[:] = np.array([first_cal[n].state_row() for n in tap.internals], dtype=np.float64).ravel()
                 stats = (stats_block(x) if aux is None else stats_block(x, aux)).asnumpy()
-                sizes = tap.sizes(x.shape)
-                for i, name in enumerate(tap.internals):
-                    row = stats[i * width:(i + 1) * width]
-                    if kind == "range":
-                        lo, hi = float(row[0]), float(row[1])
-                        if not (np.isfinite(lo) and np.isfinite(hi)):
-                            _bad_activations("NaN" if np.isnan(lo) else "Inf", tap, name)
-                        for _, cal in by_internal[name]:
-                            cal.update_range(lo, hi, sizes[i], k)
-                            if mode == "clip":
-                                cal.observe_clipped(int(row[2]), sizes[i], k)
-                    else:
-                        counts = row[:c0.num_bins].astype(np.int64)
-                        for _, cal in by_internal[name]:
-                            cal.update_histogram(counts, int(row[c0.num_bins]))
+                _apply_stats(stats, tap.sizes(x.shape), tap, by_internal, mode, width, c0.num_bins, k)
                 bar.update(1)
                 continue
             outs = tap(x)
@@ -399,6 +385,26 @@ def _compute_all(cals: list[Calibrator]) -> dict[int, Any]:
 
     with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as ex:
         return {id(c): r for c, r in zip(cals, ex.map(lambda c: c.compute(), cals), strict=True)}
+
+
+def _apply_stats(stats: np.ndarray, sizes: list[int], tap: ActivationTap, by_internal: dict, mode: str, width: int,
+                 num_bins: int, k: int) -> None:
+    """Feed one batch's ``dq_calib_stats`` vector (``width`` values per tapped tensor, in ``tap.internals``
+    order) to the calibrators: min/max (and clipped counts in ``clip`` mode) or histogram counts + zeros."""
+    for i, name in enumerate(tap.internals):
+        row = stats[i * width:(i + 1) * width]
+        if mode == "hist":
+            counts = row[:num_bins].astype(np.int64)
+            for _, cal in by_internal[name]:
+                cal.update_histogram(counts, int(row[num_bins]))
+            continue
+        lo, hi = float(row[0]), float(row[1])
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            _bad_activations("NaN" if np.isnan(lo) else "Inf", tap, name)
+        for _, cal in by_internal[name]:
+            cal.update_range(lo, hi, sizes[i], k)
+            if mode == "clip":
+                cal.observe_clipped(int(row[2]), sizes[i], k)
 
 
 def _bad_activations(bad: str, tap: ActivationTap, name: str) -> None:

@@ -20,6 +20,7 @@ from .blocks import (
     BypassActivation,
     BypassBatchNorm,
     OutputQuantizer,
+    _Bypass,
     can_quantize_output,
     is_output_quantizer,
     is_quant_block,
@@ -383,7 +384,7 @@ def float_mode(net: gluon.Block):
     """Within this context the quantized net computes exactly its original fp32 graph."""
     blocks = list(block_paths(net).values())
     saved = [(b, b._dq_float) for b in blocks if is_quant_block(b) or is_output_quantizer(b)]
-    bns = [b for b in blocks if isinstance(b, (BypassBatchNorm, BypassActivation))]
+    bns = [b for b in blocks if isinstance(b, _Bypass)]
     for b, _ in saved:
         b._dq_float = True
         if is_quant_block(b):

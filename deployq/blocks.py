@@ -202,7 +202,7 @@ class _ActivationQuant:
         # the MXNet-operator formulation keeps its state updates on the gradient path through the anchors;
         # the fused operators update state themselves, and an anchor without gradient would be a stale one
         req = "null" if self._native() else "write"
-        frozen = getattr(self.layer_config, "bn_freeze_step", None) == 0  # no statistics updates at all
+        frozen = self.layer_config.bn_freeze_step == 0  # no statistics updates at all
         for name, prm in self._reg_params.items():
             if name.endswith("_anchor"):
                 prm.grad_req = "null" if frozen and name.startswith("fakebn") else req
