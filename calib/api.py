@@ -17,7 +17,7 @@ from .. import __version__
 from ..data import class_balanced_subset
 from ..profiles import Profile, TensorGrid, load_profile
 from ..progress import progress
-from .base import CalibrationError, Calibrator, get_calibrator
+from .base import CalibrationError, Calibrator, get_calibrator, pow2_range
 from .collect import ActivationTap, trace
 from .histogram import abs_histogram
 from .scalefile import ScaleFile, ScaleFileError, StreamHash, TensorRange
@@ -238,13 +238,16 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     for k, c in cals.items():
         by_internal[k[0]].append((k, c))
     c0 = next(iter(cals.values()))
-    passes = [("range", k) for k in range(c0.range_passes)] + ([("hist", 0)] if c0.uses_histogram else [])
+    if c0.one_pass_histogram:  # range and histogram in one pass (percentile, mse)
+        passes = [("pow2", 0)]
+    else:
+        passes = [("range", k) for k in range(c0.range_passes)] + ([("hist", 0)] if c0.uses_histogram else [])
     if len(passes) > 1 and iter(data) is data:
         raise CalibrationError(f"method {method!r} reads the data {len(passes)} times; pass a re-iterable "
                                "(array, list, DataLoader), not a one-shot iterator")
     nb = _num_batches(data, batch_size, num_batches)
     bar = progress(total=None if nb is None else nb * len(passes), desc=f"calibrate {method}", disable=quiet)
-    hasher = _BackgroundHash()
+    hasher = StreamHash()  # in this thread: a hashing thread beside the engine's OpenMP threads slows both
     native = _use_native()
     read = HostReader()
     work: dict = {}  # histogram scratch buffers
@@ -252,36 +255,41 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     for kind, k in passes:
         src = _chain(first, it) if (kind, k) == passes[0] else iter_batches(data, batch_size, num_batches)
         if native:
-            mode = "hist" if kind == "hist" else ("clip" if c0.observe_mode == "clip" and k == c0.range_passes - 1
-                                                  else "range")
-            stats_block = tap.stats_block(mode, c0.num_bins)
-            width, aux_width = ActivationTap.STATS_LAYOUT[mode][0](c0.num_bins), ActivationTap.STATS_LAYOUT[mode][1]
+            mode = kind if kind in ("hist", "pow2") else (
+                "clip" if c0.observe_mode == "clip" and k == c0.range_passes - 1 else "range")
+            width = ActivationTap.STATS_LAYOUT[mode][0](c0.num_bins)
             aux = None
             if mode == "hist":
-                aux = mx.nd.array(np.array([first_cal[n].absmax for n in tap.internals]), dtype=np.float64)
-            elif mode == "clip":
-                aux = mx.nd.zeros(aux_width * len(tap.internals), dtype=np.float64)
+                aux = np.array([first_cal[n].absmax for n in tap.internals], dtype=np.float64)
         for b in src:
             x = _to_nd(b)
-            if kind == "range" and k == 0:
+            if (kind, k) == passes[0]:
                 hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
             if native:
                 if mode == "clip":
-                    aux[:] = np.array([first_cal[n].state_row() for n in tap.internals], dtype=np.float64).ravel()
-                stats = (stats_block(x) if aux is None else stats_block(x, aux)).asnumpy()
+                    aux = np.array([first_cal[n].state_row() for n in tap.internals], dtype=np.float64).ravel()
+                elif mode == "pow2":
+                    aux = np.array([first_cal[n].hist_range for n in tap.internals], dtype=np.float64)
+                stats = tap.batch_stats(x, mode, c0.num_bins, aux)
                 _apply_stats(stats, tap.sizes(x.shape), tap, by_internal, mode, width, c0.num_bins, k)
                 bar.update(1)
                 continue
             outs = tap(x)
             for name, o in zip(tap.internals, outs, strict=True):
                 a = read(name, o)  # read before the next forward overwrites it
-                if kind == "range":
+                if kind in ("range", "pow2"):
                     lo, hi = float(a.min()), float(a.max())
                     if not (np.isfinite(lo) and np.isfinite(hi)):
                         _bad_activations("NaN" if np.isnan(a).any() else "Inf", tap, name)
                     for _, cal in by_internal[name]:
                         cal.update_range(lo, hi, a.size, k)
                         cal.observe(a, k)
+                    if kind == "pow2":
+                        r = pow2_range(max(abs(lo), abs(hi)), first_cal[name].hist_range)
+                        counts, zeros = abs_histogram(a, r, c0.num_bins, work) if r > 0 else (
+                            np.zeros(c0.num_bins, dtype=np.int64), a.size)
+                        for _, cal in by_internal[name]:
+                            cal.update_pow2_histogram(counts, zeros, r)
                 else:
                     for _, cal in by_internal[name]:
                         counts, zeros = abs_histogram(a, cal.absmax, cal.num_bins, work)
@@ -289,7 +297,6 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                 del a
             bar.update(1)
     bar.close()
-    hasher.close()
     if hasher.n == 0:
         raise CalibrationError("no calibration data: the data source yielded no images")
 
@@ -331,50 +338,6 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     return sf
 
 
-class _BackgroundHash:
-    """A StreamHash fed from one worker thread (hashlib releases the GIL), in batch order, while the graph runs;
-    ``close()`` waits for it and gives ``n`` and ``hexdigest()``. The thread holds only the queue and the inner
-    hash, so when calibrate() fails midway the wrapper is collected and ``__del__`` ends the thread."""
-
-    def __init__(self) -> None:
-        import queue
-        import threading
-
-        self.inner = StreamHash()
-        self._q: Any = queue.SimpleQueue()
-        self._errors: list[BaseException] = []
-        self._thread = threading.Thread(target=_hash_worker, args=(self._q, self.inner, self._errors), daemon=True)
-        self._thread.start()
-
-    def update(self, x: np.ndarray) -> None:
-        self._q.put(x)
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join()
-        if self._errors:
-            raise self._errors[0]
-
-    @property
-    def n(self) -> int:
-        return self.inner.n
-
-    def hexdigest(self) -> str:
-        return self.inner.hexdigest()
-
-    def __del__(self) -> None:
-        self._q.put(None)
-
-
-def _hash_worker(q: Any, h: StreamHash, errors: list[BaseException]) -> None:
-    while (x := q.get()) is not None:
-        if not errors:
-            try:
-                h.update(x)
-            except BaseException as e:  # re-raised by close()
-                errors.append(e)
-
-
 def _compute_all(cals: list[Calibrator]) -> dict[int, Any]:
     """``{id(cal): cal.compute()}``; histogram methods (KL's search is ~10 ms of NumPy per tensor, most of it
     outside the GIL) in two threads: each calibrator computes alone on its own state, so the results are the
@@ -393,6 +356,15 @@ def _apply_stats(stats: np.ndarray, sizes: list[int], tap: ActivationTap, by_int
     order) to the calibrators: min/max (and clipped counts in ``clip`` mode) or histogram counts + zeros."""
     for i, name in enumerate(tap.internals):
         row = stats[i * width:(i + 1) * width]
+        if mode == "pow2":  # [lo, hi, R, counts, zeros]
+            lo, hi = float(row[0]), float(row[1])
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                _bad_activations("NaN" if np.isnan(lo) else "Inf", tap, name)
+            counts = row[3:3 + num_bins].astype(np.int64)
+            for _, cal in by_internal[name]:
+                cal.update_range(lo, hi, sizes[i], k)
+                cal.update_pow2_histogram(counts, int(row[3 + num_bins]), float(row[2]))
+            continue
         if mode == "hist":
             counts = row[:num_bins].astype(np.int64)
             for _, cal in by_internal[name]:

@@ -1,19 +1,55 @@
 """The calibrator interface and the name -> class registry.
 
 A calibrator sees one tensor. The collector (``deployq.calib.collect``) feeds it, per batch, the batch range
-(``update_range``) during one or more *range passes* and, for histogram methods, one streamed histogram of
-``|x|`` over ``[0, absmax]`` (``update_histogram``) during a second pass. ``compute()`` returns a
-:class:`RangeResult`. State never grows with the number of images: a few floats, or one fixed-size histogram.
+(``update_range``) during one or more *range passes* and, for histogram methods, either one streamed histogram of
+``|x|`` over ``[0, absmax]`` (``update_histogram``) during a second pass (KL: ncnn's algorithm needs the range of
+the whole set first), or, in the same single pass as the range, a histogram over ``[0, R)`` with R the power of
+two above the running max |x| (``update_pow2_histogram``; percentile, MSE), merged exactly when R grows.
+``compute()`` returns a :class:`RangeResult`. State never grows with the number of images: a few floats, or one
+fixed-size histogram.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from ..profiles import TensorGrid
+
+
+def pow2_range(absmax: float, current: float) -> float:
+    """The one-pass histogram's range after a batch with max |x| = ``absmax``: ``current``, or the smallest power
+    of two above ``absmax`` when that is not below ``current`` (calibstats.h's ``pow2_range``)."""
+    if not absmax >= current or absmax == 0.0:
+        return current
+    return math.ldexp(1.0, math.frexp(absmax)[1])
+
+
+def check_pow2_bins(num_bins: int) -> int:
+    """``num_bins`` of a one-pass histogram: a power of two in [2, 2^24] (else the merges would not be exact)."""
+    n = int(num_bins)
+    if n != num_bins or n < 2 or n > 2 ** 24 or n & (n - 1):
+        raise ValueError(f"num_bins must be a power of two in [2, 2^24] for the one-pass histogram, got {num_bins}")
+    return n
+
+
+def merge_pow2(hist: np.ndarray, factor: int) -> np.ndarray:
+    """A histogram of ``len(hist)`` bins over [0, R) as the histogram over [0, factor * R) (``factor`` a power of
+    two): bin i goes to bin i // factor. Exact when the bins were computed as trunc(|x| * bins / R) with a
+    power-of-two bin count (the product is exact then)."""
+    n = len(hist)
+    if factor <= 1:
+        return hist
+    if factor >= n:
+        out = np.zeros_like(hist)
+        out[0] = hist.sum()
+        return out
+    out = np.zeros_like(hist)
+    out[:n // factor] = hist.reshape(n // factor, factor).sum(axis=1)
+    return out
 
 
 class CalibrationError(ValueError):
@@ -43,8 +79,11 @@ class Calibrator:
     name: ClassVar[str] = ""
     #: number of passes over the data that call ``update_range`` (EMA may use several)
     range_passes: ClassVar[int] = 1
-    #: whether a second pass streams a histogram of |x| over [0, absmax]
+    #: whether the method reads a histogram of |x|
     uses_histogram: ClassVar[bool] = False
+    #: histogram in the range pass (over [0, R), R a power of two, ``update_pow2_histogram``) instead of a
+    #: second pass over [0, absmax]; needs a power-of-two ``num_bins``
+    one_pass_histogram: ClassVar[bool] = False
     #: what the last range pass needs beyond the batch range, computed in the graph by the fused calibration
     #: operator (``dq_calib_stats``): "range" (nothing) or "clip" (EMA's count of values beyond the running
     #: threshold, given to ``observe_clipped``)
@@ -56,8 +95,9 @@ class Calibrator:
         self.max = -np.inf
         self.count = 0
         self.num_bins = getattr(self, "num_bins", 2048)
-        self.hist: np.ndarray | None = None  # counts of |x| in num_bins bins over [0, absmax], zeros excluded
+        self.hist: np.ndarray | None = None  # counts of |x| in num_bins bins over [0, hist_range], zeros excluded
         self.zeros = 0
+        self._pow2_range = 0.0  # one-pass histogram: its current R (0: none yet)
 
     # -- feeding -------------------------------------------------------------------------------------------
     def update_range(self, lo: float, hi: float, n: int, pass_index: int = 0) -> None:
@@ -82,10 +122,26 @@ class Calibrator:
         self.hist += counts
         self.zeros += int(zeros)
 
+    def update_pow2_histogram(self, counts: np.ndarray, zeros: int, hist_range: float) -> None:
+        """One batch of the one-pass histogram (after its ``update_range``): counts of non-zero |x| over
+        [0, ``hist_range``), a power of two >= every earlier batch's; the histogram so far is merged up to it."""
+        if self.hist is None:
+            self.hist = np.zeros(self.num_bins, dtype=np.int64)
+        elif hist_range > self._pow2_range > 0:
+            self.hist = merge_pow2(self.hist, int(round(hist_range / self._pow2_range)))
+        self._pow2_range = max(self._pow2_range, float(hist_range))
+        self.hist += counts
+        self.zeros += int(zeros)
+
     # -- results -------------------------------------------------------------------------------------------
     @property
     def absmax(self) -> float:
         return float(max(abs(self.min), abs(self.max)))
+
+    @property
+    def hist_range(self) -> float:
+        """Upper edge of the histogram's range: R of the one-pass histogram, else absmax."""
+        return self._pow2_range if self.one_pass_histogram else self.absmax
 
     @property
     def signed_data(self) -> bool:
@@ -113,7 +169,7 @@ class Calibrator:
         total = int(self.hist.sum()) + self.zeros
         if total == 0 or self.absmax == 0:
             return 0.0
-        width = self.absmax / self.num_bins
+        width = self.hist_range / self.num_bins
         b = int(np.floor(threshold / width))
         if b >= self.num_bins:
             return 0.0

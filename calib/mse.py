@@ -2,7 +2,8 @@
 
 Candidates are the bin edges T = (i + 1) * w. With bin centres c_k and counts n_k (zeros exact, no error):
 ``E(T) = sum_{c_k > T} n_k (c_k - T)^2 + (T / qmax)^2 / 12 * #{non-zero values with c_k <= T}``
-(uniform rounding noise of a step T/qmax inside the range). First minimum wins.
+(uniform rounding noise of a step T/qmax inside the range). First minimum wins. The histogram is the one-pass
+histogram of percentile.py (``num_bins`` = 4096 over [0, R), R the power of two above max |x|); T <= max |x|.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..profiles import TensorGrid
-from .base import Calibrator, register
+from .base import Calibrator, check_pow2_bins, register
 
 
 def mse_errors(hist: np.ndarray, absmax: float, qmax: int) -> np.ndarray:
@@ -34,13 +35,14 @@ def mse_errors(hist: np.ndarray, absmax: float, qmax: int) -> np.ndarray:
 class MSECalibrator(Calibrator):
     name = "mse"
     uses_histogram = True
+    one_pass_histogram = True
 
-    def __init__(self, grid: TensorGrid | None = None, num_bins: int = 2048):
-        self.num_bins = int(num_bins)
+    def __init__(self, grid: TensorGrid | None = None, num_bins: int = 4096):
+        self.num_bins = check_pow2_bins(num_bins)
         super().__init__(grid)
 
     def threshold(self) -> float:
         if self.hist is None or self.hist.sum() == 0:
             return 0.0
-        err = mse_errors(self.hist, self.absmax, self.qmax_abs)
-        return (int(np.argmin(err)) + 1) * self.absmax / self.num_bins
+        err = mse_errors(self.hist, self.hist_range, self.qmax_abs)
+        return min(self.absmax, (int(np.argmin(err)) + 1) * self.hist_range / self.num_bins)

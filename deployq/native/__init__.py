@@ -29,17 +29,26 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _arch_flags() -> list[str]:
-    """-mavx2 where this x86-64 CPU has it (the library is built per machine, its cache key names the flags)."""
+def _cpu_flags() -> list[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text().split("\nflags", 1)[1].split("\n", 1)[0].split()
+        return Path("/proc/cpuinfo").read_text().split("\nflags", 1)[1].split("\n", 1)[0].split()
     except (OSError, IndexError):
         return []
-    return ["-mavx2"] if "avx2" in flags else []
 
 
-def _build(source: Path, target: Path) -> None:
-    """Compile ``source`` with MXNet's ``lib_api.cc`` into the shared library ``target`` (atomically)."""
+def _arch_flags() -> list[str]:
+    """-mavx2 where this x86-64 CPU has it (the library is built per machine, its cache key names the flags)."""
+    return ["-mavx2"] if "avx2" in _cpu_flags() else []
+
+
+def avx512_flags() -> tuple[str, ...]:
+    """-mavx512f where this CPU has it: for the calibration kernels (calibstats.h), which have an AVX-512 path."""
+    return ("-mavx512f",) if "avx512f" in _cpu_flags() else ()
+
+
+def _build(source: Path, target: Path, lib_api: bool = True, flags: tuple[str, ...] = ()) -> None:
+    """Compile ``source`` (with MXNet's ``lib_api.cc`` when ``lib_api``) into the shared library ``target``
+    (atomically); ``flags``: extra compiler flags."""
     import mxnet as mx
 
     mxdir = Path(mx.__file__).parent
@@ -50,29 +59,41 @@ def _build(source: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [cxx, "-shared", "-fPIC", "-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math",
-               "-fno-trapping-math", *_arch_flags(), f"-I{mxdir / 'include'}", f"-I{mxdir / 'include' / 'mxnet'}",
-               str(source), str(mxdir / "src" / "lib_api.cc"), "-o", str(out)]
+               "-fno-trapping-math", *_arch_flags(), *flags, f"-I{mxdir / 'include'}",
+               f"-I{mxdir / 'include' / 'mxnet'}", str(source),
+               *([str(mxdir / "src" / "lib_api.cc")] if lib_api else []), "-o", str(out)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
         os.replace(out, target)  # atomic: a concurrent build never sees a half-written library
 
 
-def load_library(source: Path, stem: str, ops: tuple[str, ...], without: str) -> bool:
+def library_key(source: Path, flags: tuple[str, ...] = ()) -> str:
+    """Cache key of a library built from ``source``: the source, the headers next to it (``*.h``), MXNet's
+    version, the compiler flags that vary per machine or per library."""
+    import mxnet as mx
+
+    h = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):
+        h.update(header.read_bytes())
+    h.update((mx.__version__ + " ".join(_arch_flags() + list(flags))).encode())
+    return h.hexdigest()[:16]
+
+
+def load_library(source: Path, stem: str, ops: tuple[str, ...], without: str, flags: tuple[str, ...] = ()) -> bool:
     """Build (first use) and load the operator library of ``source`` (cache key: source, MXNet version, arch
-    flags); True when ``ops`` are registered. ``without``: what deployq does instead, for the warning."""
+    flags); True when ``ops`` are registered. ``without``: what deployq does instead, for the warning; ``flags``:
+    extra compiler flags."""
     if os.environ.get("DEPLOYQ_NATIVE", "1") == "0":
         return False
     import mxnet as mx
 
     if all(hasattr(mx.nd, op) and hasattr(mx.sym, op) for op in ops):
         return True
-    key = hashlib.sha256(source.read_bytes() + mx.__version__.encode() + " ".join(_arch_flags()).encode()
-                         ).hexdigest()[:16]
-    lib = _cache_dir() / f"{stem}-{key}.so"
+    lib = _cache_dir() / f"{stem}-{library_key(source, flags)}.so"
     try:
         if not lib.exists():
-            _build(source, lib)
+            _build(source, lib, flags=flags)
         mx.library.load(str(lib), False)
     except (RuntimeError, OSError, mx.base.MXNetError) as e:
         warnings.warn(f"deployq: fused operators of {source.name} unavailable ({e}); {without}", RuntimeWarning,

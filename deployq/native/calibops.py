@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from . import load_library
+from . import avx512_flags, load_library
 
 SOURCE = Path(__file__).with_name("calibops.cc")
 OP = "dq_calib_stats"
@@ -21,4 +21,4 @@ OP = "dq_calib_stats"
 def available() -> bool:
     """True when ``dq_calib_stats`` is loaded (built on first use); False (with one warning) otherwise."""
     return load_library(SOURCE, "libdeployq_calibops", (OP,),
-                        "reading activations on the host (same results, slower calibration)")
+                        "reading activations on the host (same results, slower calibration)", avx512_flags())

@@ -1,0 +1,133 @@
+// dq_raw_stats: calibration statistics read straight from the memory of MXNet 1.9 NDArrays, oneDNN layouts
+// included, with no reorder to the default layout (deployq/native/rawstats.py, used by deployq.calib).
+//
+// Why: the tapped activations of a calibration graph live in oneDNN's blocked/channels-last layouts; every route
+// that hands them to an operator or to the host first reorders them into plain NCHW memory (one read + one write
+// of every tensor per batch, more than the statistics themselves cost). The statistics (min/max, counts beyond a
+// threshold, histograms of |x|: calibstats.h) do not depend on the order of the elements, so any layout that
+// stores each element exactly once -- no padding, no gaps -- can be read as one flat float32 buffer.
+//
+// How: the NDArray handle is MXNet's `mxnet::NDArray*` (include/mxnet/ndarray.h, shipped with the wheel). Its chunk
+// holds the storage (shandle.dptr, shandle.size) and, for oneDNN data, an `mxnet::MKLDNNMemory` whose memory
+// descriptor gives dims, padded dims, offset and byte size. MKLDNNMemory is not in the shipped headers; its layout
+// (shared_ptr<dnnl::memory>, dnnl::memory::desc, size_t) is mirrored below and cross-checked on every call
+// (ndims, dims == the NDArray's shape, f32, blocked, no padding, offset 0, size == elements * 4 <= storage size).
+// Anything else (views of oneDNN data, padded blocks, other dtypes or devices) is refused, and deployq.calib
+// verifies the first batch of every graph against the in-graph operator before trusting this reader.
+//
+// Entry point (C ABI, called through ctypes with the GIL released):
+//   int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out,
+//                    int threads)
+// mode 0/1/2/3 = range/clip/hist/pow2 as dq_calib_stats, aux/out laid out as there. Returns 0, or 1 + i when tensor i
+// cannot be read in place (nothing is meaningful in `out` then). The caller has waited for the arrays.
+#include <dmlc/base.h>
+#include <dmlc/logging.h>
+#include <dmlc/io.h>
+#include <dmlc/registry.h>
+#include <dmlc/type_traits.h>
+#include <nnvm/node.h>
+
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <mkldnn.hpp>
+#include <mxnet/base.h>
+#include <mxnet/engine.h>
+#include <mxnet/storage.h>
+
+// NDArray keeps its chunk private; the headers above are complete, so only ndarray.h itself sees the define
+#define private public
+#define protected public
+#include <mxnet/ndarray.h>
+#undef private
+#undef protected
+
+#include "calibstats.h"
+
+using namespace deployq_calib;
+
+namespace {
+
+// mxnet::MKLDNNMemory (src/operator/nn/mkldnn/mkldnn_base-inl.h, MXNet 1.9): its data members in order
+struct MKLDNNMemoryMirror {
+  std::shared_ptr<dnnl::memory> mem;
+  dnnl::memory::desc desc;
+  size_t size;  // bytes
+};
+
+// the elements of a float32 CPU NDArray as one dense buffer (in its own layout), or nullptr
+const float* dense_elements(const mxnet::NDArray* a, int64_t* n) {
+  const auto* c = a->ptr_.get();
+  if (c == nullptr || c->storage_type != mxnet::kDefaultStorage || a->dtype_ != mshadow::kFloat32 ||
+      c->ctx.dev_mask() != mxnet::Context::kCPU || c->shandle.dptr == nullptr)
+    return nullptr;
+  const int64_t count = static_cast<int64_t>(a->shape_.Size());
+  const size_t bytes = static_cast<size_t>(count) * sizeof(float);
+  const auto* m = reinterpret_cast<const MKLDNNMemoryMirror*>(c->mkl_mem_.get());
+  if (m == nullptr) {  // default layout: a contiguous range of the storage (views included)
+    if (a->byte_offset_ + bytes > c->shandle.size) return nullptr;
+    *n = count;
+    return reinterpret_cast<const float*>(static_cast<const char*>(c->shandle.dptr) + a->byte_offset_);
+  }
+  if (a->byte_offset_ != 0) return nullptr;
+  const dnnl_memory_desc_t& d = m->desc.data;
+  if (d.ndims != a->shape_.ndim() || d.data_type != dnnl_f32 || d.format_kind != dnnl_blocked || d.offset0 != 0)
+    return nullptr;
+  for (int i = 0; i < d.ndims; ++i)
+    if (d.dims[i] != a->shape_[i] || d.padded_dims[i] != d.dims[i] || d.padded_offsets[i] != 0) return nullptr;
+  if (m->size != bytes || m->size > c->shandle.size) return nullptr;  // no gaps: each element stored once
+  *n = count;
+  return static_cast<const float*>(c->shandle.dptr);
+}
+
+}  // namespace
+
+extern "C" int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out,
+                            int threads) {
+  const Mode m = static_cast<Mode>(mode);
+  if (k < 1 || (m != kRange && m != kClip && m != kHist && m != kPow2) ||
+      ((m == kHist || m == kPow2) && (num_bins < 2 || num_bins > (1 << 24))))
+    return -1;
+  std::vector<const float*> x(k);
+  std::vector<int64_t> n(k);
+  for (int i = 0; i < k; ++i) {
+    x[i] = dense_elements(static_cast<const mxnet::NDArray*>(handles[i]), &n[i]);
+    if (x[i] == nullptr) return 1 + i;
+  }
+  const int64_t len = out_len(m, num_bins), row = aux_row(m);
+  auto one = [&](int i) {
+    stats_of(m, x[i], n[i], has_aux(m) ? aux + i * row : nullptr, num_bins, out + i * len);
+  };
+  threads = std::max(1, std::min(threads, k));
+  if (threads == 1) {
+    for (int i = 0; i < k; ++i) one(i);
+    return 0;
+  }
+  // largest tensors first, each to the least loaded worker (the statistics are per tensor: no shared state)
+  std::vector<int> order(k);
+  for (int i = 0; i < k; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int a, int b) { return n[a] > n[b]; });
+  std::vector<std::vector<int>> work(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int i : order) {
+    const int w = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    work[w].push_back(i);
+    load[w] += n[i];
+  }
+  std::vector<std::thread> pool;
+  for (int w = 1; w < threads; ++w)
+    pool.emplace_back([&, w] {
+      for (int i : work[w]) one(i);
+    });
+  for (int i : work[0]) one(i);
+  for (auto& t : pool) t.join();
+  return 0;
+}

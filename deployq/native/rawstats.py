@@ -1,0 +1,65 @@
+"""Calibration statistics read from the memory of MXNet's output NDArrays in their oneDNN layout
+(``rawstats.cc``: ``dq_raw_stats``), without reordering them to NCHW first.
+
+A plain C library (ctypes, not an MXNet operator) built against the headers of the MXNet wheel, like the
+operator libraries of ``deployq.native`` (cached per source, MXNet version and CPU flags). It needs MXNet 1.9
+built with oneDNN (the pinned pip wheel); elsewhere, or with ``DEPLOYQ_NATIVE=0``, :func:`load` returns None and
+deployq.calib uses the in-graph operator ``dq_calib_stats`` or NumPy (same numbers, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import _build, _cache_dir, avx512_flags, library_key
+
+SOURCE = Path(__file__).with_name("rawstats.cc")
+#: statistics modes of calibstats.h, as dq_calib_stats names them
+MODES = {"range": 0, "clip": 1, "hist": 2, "pow2": 3}
+_FLAGS = ("-DMXNET_USE_MKLDNN=1", "-DMSHADOW_USE_CBLAS=0", "-DMSHADOW_USE_MKL=0", "-DMSHADOW_USE_CUDA=0",
+          "-DMXNET_USE_CUDA=0", "-DDMLC_USE_CXX11=1", "-pthread")
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The loaded library, or None where it does not apply (no oneDNN, another MXNet than 1.9) or cannot be built
+    (a warning names why)."""
+    if os.environ.get("DEPLOYQ_NATIVE", "1") == "0":
+        return None
+    import mxnet as mx
+
+    if not mx.__version__.startswith("1.9.") or not mx.runtime.Features().is_enabled("MKLDNN"):
+        return None  # the mirrored MKLDNNMemory layout is MXNet 1.9's; nothing to read in place without oneDNN
+    mxdir = Path(mx.__file__).parent
+    flags = (*_FLAGS, *avx512_flags(), f"-I{mxdir / 'include' / 'mkldnn'}")
+    lib_path = _cache_dir() / f"libdeployq_rawstats-{library_key(SOURCE, (*_FLAGS, *avx512_flags()))}.so"
+    try:
+        if not lib_path.exists():
+            _build(SOURCE, lib_path, lib_api=False, flags=flags)
+        lib = ctypes.CDLL(str(lib_path))
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"deployq: in-place activation reader unavailable ({e}); calibration reorders activations "
+                      "(same results, slower)", RuntimeWarning, stacklevel=2)
+        return None
+    lib.dq_raw_stats.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.dq_raw_stats.restype = ctypes.c_int
+    return lib
+
+
+def raw_stats(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, out: np.ndarray,
+              threads: int = 1) -> int:
+    """``dq_calib_stats``'s output for ``arrays`` (MXNet NDArrays, already computed: the caller waits) written into
+    ``out`` (float64); returns 0, or 1 + i when array i cannot be read in place (``out`` is then meaningless)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("deployq.native.rawstats is not available")
+    handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
+    aux_p = None if aux is None else aux.ctypes.data
+    return int(lib.dq_raw_stats(handles, len(arrays), MODES[mode], int(num_bins), aux_p, out.ctypes.data, threads))

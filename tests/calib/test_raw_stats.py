@@ -1,0 +1,138 @@
+"""The in-place reader (``dq_raw_stats``, deployq/native/rawstats.cc) gives the in-graph operator's numbers on
+oneDNN-layout activations, refuses what it cannot read, and the one-pass power-of-two histogram (percentile, mse)
+equals the histogram computed directly over the final range."""
+
+import mxnet as mx
+import numpy as np
+import pytest
+from deployq.calib import calibrate
+from deployq.calib.base import check_pow2_bins, merge_pow2, pow2_range
+from deployq.calib.collect import ActivationTap
+from deployq.calib.histogram import abs_histogram
+from deployq.calib.mse import MSECalibrator
+from deployq.calib.percentile import PercentileCalibrator, percentile_from_histogram
+from mxnet import gluon
+
+from deployq.native import calibops, rawstats
+
+needs_raw = pytest.mark.skipif(rawstats.load() is None or not calibops.available(),
+                               reason="in-place reader not available (no compiler, or MXNet without oneDNN)")
+
+
+def _net(channels=(8, 16, 32, 3)):
+    mx.random.seed(0)
+    net = gluon.nn.HybridSequential()
+    for c in channels:
+        net.add(gluon.nn.Conv2D(c, 3, padding=1), gluon.nn.BatchNorm(), gluon.nn.Activation("relu"))
+    net.add(gluon.nn.Dense(4))
+    net.initialize(mx.init.Xavier())
+    net.hybridize(static_alloc=True)
+    return net
+
+
+def _x(n=10, seed=0):
+    return mx.nd.array(np.random.default_rng(seed).normal(size=(n, 3, 12, 12)).astype(np.float32))
+
+
+@needs_raw
+@pytest.mark.parametrize("mode", ["range", "clip", "hist", "pow2"])
+def test_raw_reader_equals_graph_operator(mode):
+    net = _net()
+    x = _x()
+    net(x)
+    tap = ActivationTap(net)
+    k = len(tap.internals)
+    rng = np.random.default_rng(1)
+    aux = {"range": None, "clip": np.tile([0.5, 2.0, 1.0, 0.9], k), "hist": rng.uniform(0.5, 4.0, k),
+           "pow2": np.where(np.arange(k) % 2 == 0, 0.0, 2.0)}[mode]
+    for batch in (x, _x(10, 1), _x(3, 2)):  # the second batch writes into the outputs kept from the first
+        raw = tap._raw_stats(batch, mode, 256, aux)
+        assert raw is not None, "a tensor could not be read in place"
+        np.testing.assert_array_equal(raw, tap._graph_stats(batch, mode, 256, aux))
+    assert tap.raw_ok is not False
+
+
+@needs_raw
+def test_raw_reader_refuses_other_dtypes():
+    a = mx.nd.array(np.ones((4, 4)), dtype=np.float64)
+    out = np.empty(2)
+    assert rawstats.raw_stats([mx.nd.ones((2, 3)), a], "range", 2048, None, out) == 2  # 1 + index of the refused
+    assert rawstats.raw_stats([mx.nd.ones((2, 3))], "range", 2048, None, out) == 0
+    assert out.tolist() == [1.0, 1.0]
+
+
+@needs_raw
+def test_calibrate_uses_the_raw_reader_and_checks_it(monkeypatch):
+    net = _net()
+    data = np.random.default_rng(3).normal(size=(40, 3, 12, 12)).astype(np.float32)
+    ref = calibrate(net, data, method="minmax", quiet=True, batch_size=16)
+    from deployq.calib import api
+
+    tap = api._TAP_CACHE[0][2]
+    assert tap.raw_ok is not False and {k[0] for k in tap._raw_checked} == {"range"}
+    # a reader that disagrees with the operator is caught on the first batch and dropped
+    monkeypatch.setattr(ActivationTap, "_raw_stats", lambda self, *a: np.zeros_like(self._graph_stats(*a)))
+    tap._raw_checked.clear()
+    with pytest.warns(RuntimeWarning, match="in-place activation statistics differ"):
+        again = calibrate(net, data, method="minmax", quiet=True, batch_size=16)
+    assert tap.raw_ok is False
+    assert again.to_dict()["tensors"] == ref.to_dict()["tensors"]
+
+
+def test_pow2_range():
+    assert pow2_range(0.7, 0.0) == 1.0
+    assert pow2_range(1.0, 0.0) == 2.0  # strictly above the max
+    assert pow2_range(3.0, 8.0) == 8.0  # never shrinks
+    assert pow2_range(9.0, 8.0) == 16.0
+    assert pow2_range(0.0, 0.0) == 0.0
+    assert pow2_range(1e-30, 0.0) == 2.0 ** -99
+
+
+@pytest.mark.parametrize("bins", [16, 4096])
+def test_one_pass_histogram_equals_direct_histogram(bins):
+    """Batches with growing max |x|: merging the histogram when R grows gives, count for count, the histogram of
+    all the values computed at once over the final R."""
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(0, s, 5000).astype(np.float32) for s in (0.01, 0.3, 0.2, 5.0, 1.0, 70.0, 3.0)]
+    batches[2][:100] = 0.0
+    cal = PercentileCalibrator(num_bins=bins)
+    for b in batches:
+        cal.update_range(float(b.min()), float(b.max()), b.size)
+        r = pow2_range(float(np.abs(b).max()), cal.hist_range)
+        cal.update_pow2_histogram(*abs_histogram(b, r, bins), r)
+    allx = np.concatenate(batches)
+    counts, zeros = abs_histogram(allx, cal.hist_range, bins)
+    assert cal.hist_range == pow2_range(float(np.abs(allx).max()), 0.0)
+    np.testing.assert_array_equal(cal.hist, counts)
+    assert cal.zeros == zeros == 100
+    t = cal.compute().threshold
+    assert t == percentile_from_histogram(counts, zeros, cal.hist_range, 99.99, cap=cal.absmax) <= cal.absmax
+
+
+def test_merge_pow2_and_bins_check():
+    h = np.arange(8)
+    assert merge_pow2(h, 2).tolist() == [1, 5, 9, 13, 0, 0, 0, 0]
+    assert merge_pow2(h, 16).tolist() == [28, 0, 0, 0, 0, 0, 0, 0]
+    for bad in (1000, 1, 3.5):
+        with pytest.raises(ValueError, match="power of two"):
+            check_pow2_bins(bad)
+    with pytest.raises(ValueError, match="power of two"):
+        MSECalibrator(num_bins=2000)
+
+
+@pytest.mark.skipif(not calibops.available(), reason="no C++ compiler: fused calibration operator off")
+def test_pow2_operator_matches_numpy():
+    rng = np.random.default_rng(6)
+    arrays = [rng.normal(0, 2, 999).astype(np.float32), np.zeros(40, np.float32),
+              np.array([1.0, -1.0, 0.5, 0.0, -0.0, 2.0 ** -140], np.float32)]
+    aux = [0.0, 0.0, 4.0]
+    out = mx.nd.dq_calib_stats(*[mx.nd.array(a) for a in arrays], mx.nd.array(aux, dtype=np.float64), mode="pow2",
+                               num_inputs=3, num_bins=64).asnumpy().reshape(3, -1)
+    for a, r0, row in zip(arrays, aux, out, strict=True):
+        r = pow2_range(float(np.abs(a).max()), r0)
+        assert row[:3].tolist() == [float(a.min()), float(a.max()), r]
+        if r > 0:
+            counts, zeros = abs_histogram(a, r, 64)
+        else:
+            counts, zeros = np.zeros(64), a.size
+        assert row[3:67].tolist() == counts.tolist() and row[67] == zeros
