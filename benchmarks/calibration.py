@@ -6,13 +6,14 @@ pass over the same images (targets: <= 1.25x minmax/ema, <= 1.5x kl/percentile/m
 Every timed item runs once per round, rounds interleaved, best round kept (the machine is shared); the process CPU
 time ratio is printed beside the wall ratio.
 
-What bounds the ratios: calibrate() runs the fp32 graph up to the last tapped tensor once per pass, and every
-tapped tensor (oneDNN blocked layout) is reordered to plain layout once per batch before it is reduced, by the
-fused ``dq_calib_stats`` operator (deployq/native/calibops.cc: min/max, EMA clipped counts, ncnn-binned histograms
-in the graph, one small float64 vector per batch to the host) or, without a compiler, on the host in NumPy (same
-results). kl, percentile and mse read the data twice (pass 1: the global max |x| of every tensor, pass 2: the
-2048-bin histogram over [0, max]; kl needs the whole-set range by definition, ncnn2table's algorithm), so their
-floor is about twice the minmax ratio plus the threshold search (KL: ~5-10 ms of NumPy per tensor, two threads).
+How calibrate() reads the activations: one graph over the fp32 net whose outputs are the tapped tensors, reduced
+where oneDNN left them (``dq_raw_stats``, deployq/native/rawstats.cc: no reorder to NCHW; checked once per mode
+and shape against the in-graph operator). minmax and ema read the data once; percentile and mse once (range and a
+power-of-two-range histogram in the same pass); kl twice (pass 1: the global max |x| of every tensor, pass 2: the
+2048-bin histogram over [0, max]: ncnn2table's algorithm needs the whole set's range first), so its floor is two
+passes plus the KL search (~5-10 ms of NumPy per tensor, two threads). What remains per pass beyond the fp32
+pass: the tap graph keeps every tapped tensor (no memory reuse), the SHA-256 of the images (~7 ms per 1000), the
+trace that checks the cached tap, the histogram kernel (~0.3 ns per value) and a few Python calls per batch.
 
 Accuracy: MNIST-5k test top-1 (1000 images), ncnn profile, per-channel weights, PTQ only (``algorithm='observer'``:
 calibrated ranges, no training) per method, beside MXNet contrib (naive, entropy; channel-wise) and onnxruntime

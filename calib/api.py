@@ -196,9 +196,11 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
         grid) or a deployq-quantized net (the layers of ``deployq.quant_layers(net)`` whose input is quantized,
         each on its own input grid; activations come from its fp32 graph under ``float_mode``).
     :param data: a NumPy/NDArray array of images, a Gluon DataLoader or any re-iterable of batches or
-        ``(x, y)`` pairs. Histogram methods (kl, percentile, mse) and EMA with ``passes > 1`` read it twice.
+        ``(x, y)`` pairs. kl (ncnn's histogram over the whole set's range) and EMA with ``passes > 1`` read it
+        more than once; minmax, ema, percentile and mse once.
     :param method: a name in ``CALIBRATORS`` (minmax, ema, kl, percentile, mse); ``method_kwargs`` go to
-        its class (``percentile=99.99``, ``momentum=0.9, passes=1``, ``num_bins=2048``,
+        its class (``percentile=99.99``, ``momentum=0.9, passes=1``, ``num_bins`` (kl 2048; percentile/mse
+        4096, a power of two),
         ``max_clipped_share=1e-3`` (KL clip guard, None = off)).
     :param zero_threshold: a tensor that is zero on every calibration image has no range: by default that is
         an error; with a float, that threshold is used instead (and a warning is given).
@@ -269,7 +271,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                 if mode == "clip":
                     aux = np.array([first_cal[n].state_row() for n in tap.internals], dtype=np.float64).ravel()
                 elif mode == "pow2":
-                    aux = np.array([first_cal[n].hist_range for n in tap.internals], dtype=np.float64)
+                    aux = np.array([first_cal[n].pow2_hist_range for n in tap.internals], dtype=np.float64)
                 stats = tap.batch_stats(x, mode, c0.num_bins, aux)
                 _apply_stats(stats, tap.sizes(x.shape), tap, by_internal, mode, width, c0.num_bins, k)
                 bar.update(1)
@@ -285,7 +287,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                         cal.update_range(lo, hi, a.size, k)
                         cal.observe(a, k)
                     if kind == "pow2":
-                        r = pow2_range(max(abs(lo), abs(hi)), first_cal[name].hist_range)
+                        r = pow2_range(max(abs(lo), abs(hi)), first_cal[name].pow2_hist_range)
                         counts, zeros = abs_histogram(a, r, c0.num_bins, work) if r > 0 else (
                             np.zeros(c0.num_bins, dtype=np.int64), a.size)
                         for _, cal in by_internal[name]:

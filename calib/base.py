@@ -97,7 +97,8 @@ class Calibrator:
         self.num_bins = getattr(self, "num_bins", 2048)
         self.hist: np.ndarray | None = None  # counts of |x| in num_bins bins over [0, hist_range], zeros excluded
         self.zeros = 0
-        self._pow2_range = 0.0  # one-pass histogram: its current R (0: none yet)
+        #: the one-pass histogram's current R (0: none yet)
+        self.pow2_hist_range = 0.0
 
     # -- feeding -------------------------------------------------------------------------------------------
     def update_range(self, lo: float, hi: float, n: int, pass_index: int = 0) -> None:
@@ -127,9 +128,9 @@ class Calibrator:
         [0, ``hist_range``), a power of two >= every earlier batch's; the histogram so far is merged up to it."""
         if self.hist is None:
             self.hist = np.zeros(self.num_bins, dtype=np.int64)
-        elif hist_range > self._pow2_range > 0:
-            self.hist = merge_pow2(self.hist, int(round(hist_range / self._pow2_range)))
-        self._pow2_range = max(self._pow2_range, float(hist_range))
+        elif hist_range > self.pow2_hist_range > 0:
+            self.hist = merge_pow2(self.hist, int(round(hist_range / self.pow2_hist_range)))
+        self.pow2_hist_range = max(self.pow2_hist_range, float(hist_range))
         self.hist += counts
         self.zeros += int(zeros)
 
@@ -140,8 +141,9 @@ class Calibrator:
 
     @property
     def hist_range(self) -> float:
-        """Upper edge of the histogram's range: R of the one-pass histogram, else absmax."""
-        return self._pow2_range if self.one_pass_histogram else self.absmax
+        """Upper edge of the histogram's range: R of the one-pass histogram, else absmax (also for a one-pass
+        method fed by ``update_histogram`` over [0, absmax])."""
+        return self.pow2_hist_range if self.one_pass_histogram and self.pow2_hist_range > 0 else self.absmax
 
     @property
     def signed_data(self) -> bool:

@@ -52,7 +52,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("method options (each only for its method)")
     g.add_argument("--momentum", type=float, default=None, help="ema: moving-average momentum in [0, 1) (0.9)")
     g.add_argument("--passes", type=int, default=None, help="ema: passes over the data (1)")
-    g.add_argument("--bins", type=int, default=None, help="kl, percentile, mse: histogram bins (2048)")
+    g.add_argument("--bins", type=int, default=None,
+                   help="kl: histogram bins over [0, max] (2048); percentile, mse: a power of two, bins over [0, R), "
+                        "R the power of two above max (4096)")
     g.add_argument("--percentile", type=float, default=None, help="percentile: percentile of |x| in (0, 100] (99.99)")
     cg = g.add_mutually_exclusive_group()
     cg.add_argument("--clip-guard", type=float, default=None, metavar="SHARE",
@@ -93,6 +95,9 @@ def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.bins is not None:
         if args.bins < 16:
             raise UsageError(f"--bins must be >= 16, got {args.bins}")
+        if args.method in ("percentile", "mse") and args.bins & (args.bins - 1):
+            raise UsageError(f"--bins must be a power of two for --method {args.method} (its histogram range "
+                             f"doubles in one pass), got {args.bins}")
         kw["num_bins"] = args.bins
     if args.percentile is not None:
         if not 0.0 < args.percentile <= 100.0:

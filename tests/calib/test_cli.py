@@ -120,6 +120,7 @@ def test_qnet_with_npz_and_image_folder(tmp_path, capsys, calib_images):
     (["resnet20", "--method", "minmax", "--bins", "512"], "--bins does not apply to --method minmax"),
     (["resnet20", "--method", "ema", "--momentum", "1.5"], r"--momentum must be in \[0, 1\)"),
     (["resnet20", "--method", "percentile", "--percentile", "0"], r"--percentile must be in \(0, 100\]"),
+    (["resnet20", "--method", "mse", "--bins", "1000"], "--bins must be a power of two for --method mse"),
     (["resnet20", "--method", "kl", "--bins", "100"], "num_bins must exceed the 128 quantized levels"),
     (["resnet20", "--method", "kl", "--clip-guard", "2"], r"--clip-guard must be a share in \(0, 1\)"),
     (["resnet20", "--warn-clip-share", "-1"], r"--warn-clip-share must be in \[0, 1\]"),

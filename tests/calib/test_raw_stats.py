@@ -98,7 +98,7 @@ def test_one_pass_histogram_equals_direct_histogram(bins):
     cal = PercentileCalibrator(num_bins=bins)
     for b in batches:
         cal.update_range(float(b.min()), float(b.max()), b.size)
-        r = pow2_range(float(np.abs(b).max()), cal.hist_range)
+        r = pow2_range(float(np.abs(b).max()), cal.pow2_hist_range)
         cal.update_pow2_histogram(*abs_histogram(b, r, bins), r)
     allx = np.concatenate(batches)
     counts, zeros = abs_histogram(allx, cal.hist_range, bins)
