@@ -54,10 +54,11 @@ def test_raw_reader_equals_graph_operator(mode):
 
 @needs_raw
 def test_raw_reader_refuses_other_dtypes():
-    a = mx.nd.array(np.ones((4, 4)), dtype=np.float64)
+    a, ones = mx.nd.array(np.ones((4, 4)), dtype=np.float64), mx.nd.ones((2, 3))
+    mx.nd.waitall()  # the reader is given computed arrays
     out = np.empty(2)
-    assert rawstats.raw_stats([mx.nd.ones((2, 3)), a], "range", 2048, None, out) == 2  # 1 + index of the refused
-    assert rawstats.raw_stats([mx.nd.ones((2, 3))], "range", 2048, None, out) == 0
+    assert rawstats.raw_stats([ones, a], "range", 2048, None, out) == 2  # 1 + the index of the refused array
+    assert rawstats.raw_stats([ones], "range", 2048, None, out) == 0
     assert out.tolist() == [1.0, 1.0]
 
 
