@@ -163,15 +163,27 @@ def _ensure_initialized(net: gluon.Block, x: mx.nd.NDArray) -> list[gluon.Parame
 _TAP_CACHE: list = []
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _structure_key(net: gluon.Block) -> tuple:
+    """What the traced fp32 graph depends on besides the parameters, without tracing it (a trace costs several ms
+    per call): every block's path, identity and type, its ``_kwargs`` (Conv/Pool/BatchNorm arguments) and its
+    plain attributes (an Activation's type, a Dense's units ...). A block replaced or reconfigured changes it."""
+    from ..naming import block_paths
+
+    return tuple((path, id(b), type(b).__qualname__, repr(getattr(b, "_kwargs", None)),
+                  tuple(sorted((k, v) for k, v in vars(b).items() if isinstance(v, _PLAIN))))
+                 for path, b in block_paths(net).items())
+
+
 def _tap(net: gluon.HybridBlock, layers: list[str] | None, params: list[gluon.Parameter]) -> ActivationTap:
-    """The tap of ``net``, reused while the net, its traced fp32 graph, the layers and its Parameter objects are
-    the same (calibrating one net with several methods builds and warms up the graph once)."""
+    """The tap of ``net``, reused while the net, its block structure (``_structure_key``), the layers and its
+    Parameter objects are the same (calibrating one net with several methods builds and warms up the graph once;
+    the tap holds the Parameters, so their ids are not reused while it lives)."""
     import weakref
 
-    from ..naming import structure_fingerprint
-
-    key = (structure_fingerprint(trace(net).tojson()), None if layers is None else tuple(layers),
-           tuple(id(p) for p in params))
+    key = (_structure_key(net), None if layers is None else tuple(layers), tuple(id(p) for p in params))
     if _TAP_CACHE:
         ref, k, tap = _TAP_CACHE[0]
         if ref() is net and k == key:
@@ -227,6 +239,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     params = _ensure_initialized(net, first_nd)
     with ctx:
         tap = _tap(net, layers, params)
+    tap.begin()
     # one calibrator per (tensor, grid): a tensor read by layers on different grids is calibrated per grid
     key_of = {p.key: (p.internal, grids.get(p.layer, prof.activation)) for p in tap.points}
     cals: dict[tuple[str, TensorGrid], Calibrator] = {}

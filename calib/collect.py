@@ -100,6 +100,7 @@ class ActivationTap:
         self._sizes: dict[tuple[int, ...], list[int]] = {}
         self._inputs = {i for i in self.internals if i in sym.list_inputs()}
         self._raw: mx.nd.CachedOp | None = None  # the tapped tensors as outputs, written into kept buffers
+        self._raw_args: list | None = None  # its parameter arrays, read once per calibration (begin())
         self.raw_ok: bool | None = None  # None: not tried yet; False: in-place reading refused or disagreed
         self._raw_checked: set[tuple[str, int, tuple[int, ...]]] = set()
         #: threads of the in-place reader (the engine's OpenMP threads may still spin right after a forward)
@@ -127,6 +128,11 @@ class ActivationTap:
             blk.hybridize(static_alloc=True)
         return blk
 
+    def begin(self) -> None:
+        """Start of a calibration: the parameters' arrays are read again at the next batch (they may have been
+        replaced since the last one; during a calibration they are not)."""
+        self._raw_args = None
+
     def batch_stats(self, x: mx.nd.NDArray, mode: str, num_bins: int, aux: np.ndarray | None) -> np.ndarray:
         """``dq_calib_stats(tapped tensors of x, aux, mode)`` as a float64 vector: read in place where
         ``deployq.native.rawstats`` can (checked against the in-graph operator once per mode and shape), else by
@@ -153,9 +159,9 @@ class ActivationTap:
         return out.asnumpy()
 
     def _raw_stats(self, x, mode, num_bins, aux) -> np.ndarray | None:
-        from ..native import rawstats
+        from ..native import calibops, rawstats
 
-        if rawstats.load() is None:
+        if rawstats.load() is None or not calibops.available():  # (the operator checks the reader)
             self.raw_ok = False
             return None
         if self._raw is None:
@@ -165,7 +171,9 @@ class ActivationTap:
             by_name = {p.name: p for p in self._params.values()}
             self._raw_inputs = [None if n == "data" else by_name[n] for n in grp.list_inputs()]
             self._raw_out: dict[tuple[int, ...], list[mx.nd.NDArray]] = {}
-        args = [x if p is None else p.data() for p in self._raw_inputs]
+        if self._raw_args is None:
+            self._raw_args = [None if p is None else p.data() for p in self._raw_inputs]
+        args = [x if a is None else a for a in self._raw_args]
         bufs = self._raw_out.get(tuple(x.shape))
         if bufs is None:  # the first batch of a shape allocates the outputs; later ones write into them
             res = self._raw(*args)
@@ -174,8 +182,7 @@ class ActivationTap:
             self._raw(*args, out=bufs)
         res = iter(bufs)
         arrays = [x if i in self._inputs else next(res) for i in self.internals]
-        for a in arrays:
-            a.wait_to_read()
+        mx.nd.waitall()  # one call instead of one per tapped tensor (the reader needs them all computed)
         out = np.empty(len(arrays) * self.STATS_LAYOUT[mode][0](num_bins), dtype=np.float64)
         aux = None if aux is None else np.ascontiguousarray(aux, dtype=np.float64)
         if rawstats.raw_stats(arrays, mode, num_bins, aux, out, self.raw_threads) != 0:

@@ -137,3 +137,20 @@ def test_pow2_operator_matches_numpy():
         else:
             counts, zeros = np.zeros(64), a.size
         assert row[3:67].tolist() == counts.tolist() and row[67] == zeros
+
+
+def test_tap_cache_follows_the_net():
+    """calibrate() reuses its tap graph for the same net and rebuilds it when a block changes."""
+    from deployq.calib import api
+
+    net = _net((8, 16))
+    data = np.random.default_rng(7).normal(size=(20, 3, 12, 12)).astype(np.float32)
+    a = calibrate(net, data, method="minmax", quiet=True)
+    tap = api._TAP_CACHE[0][2]
+    calibrate(net, data, method="minmax", quiet=True)
+    assert api._TAP_CACHE[0][2] is tap
+    net[2]._act_type = "tanh"  # the first ReLU becomes tanh in place: the next layer's input turns signed
+    b = calibrate(net, data, method="minmax", quiet=True)
+    assert api._TAP_CACHE[0][2] is not tap
+    key = "3:input"
+    assert a.tensors[key].observed_min >= 0 > b.tensors[key].observed_min
