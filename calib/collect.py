@@ -139,7 +139,9 @@ class ActivationTap:
         :meth:`stats_block`. ``aux``: float64 rows as the operator takes them, or None."""
         if self.raw_ok is not False:
             out = self._raw_stats(x, mode, num_bins, aux)
-            if out is not None:
+            if out is None:  # a tensor the reader refuses (another dtype, device or layout): not tried again
+                self.raw_ok = False
+            else:
                 key = (mode, int(num_bins), tuple(x.shape))
                 if key in self._raw_checked:
                     return out
