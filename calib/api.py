@@ -312,6 +312,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                 del a
             bar.update(1)
     bar.close()
+    tap.end()  # the tapped tensors' buffers are not kept between calibrations
     if hasher.n == 0:
         raise CalibrationError("no calibration data: the data source yielded no images")
 

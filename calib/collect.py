@@ -101,6 +101,7 @@ class ActivationTap:
         self._inputs = {i for i in self.internals if i in sym.list_inputs()}
         self._raw: mx.nd.CachedOp | None = None  # the tapped tensors as outputs, written into kept buffers
         self._raw_args: list | None = None  # its parameter arrays, read once per calibration (begin())
+        self._raw_out: dict[tuple[int, ...], list[mx.nd.NDArray]] = {}  # its outputs per input shape
         self.raw_ok: bool | None = None  # None: not tried yet; False: in-place reading refused or disagreed
         self._raw_checked: set[tuple[str, int, tuple[int, ...]]] = set()
         #: threads of the in-place reader (the engine's OpenMP threads may still spin right after a forward)
@@ -131,6 +132,12 @@ class ActivationTap:
     def begin(self) -> None:
         """Start of a calibration: the parameters' arrays are read again at the next batch (they may have been
         replaced since the last one; during a calibration they are not)."""
+        self._raw_args = None
+
+    def end(self) -> None:
+        """End of a calibration: release the output buffers of the in-place reader (every tapped tensor of a
+        batch, per input shape)."""
+        self._raw_out = {}
         self._raw_args = None
 
     def batch_stats(self, x: mx.nd.NDArray, mode: str, num_bins: int, aux: np.ndarray | None) -> np.ndarray:
@@ -172,7 +179,6 @@ class ActivationTap:
             self._raw = mx.nd.CachedOp(grp, flags=[("static_alloc", True)])
             by_name = {p.name: p for p in self._params.values()}
             self._raw_inputs = [None if n == "data" else by_name[n] for n in grp.list_inputs()]
-            self._raw_out: dict[tuple[int, ...], list[mx.nd.NDArray]] = {}
         if self._raw_args is None:
             self._raw_args = [None if p is None else p.data() for p in self._raw_inputs]
         args = [x if a is None else a for a in self._raw_args]
