@@ -376,13 +376,13 @@ def _apply_stats(stats: np.ndarray, sizes: list[int], tap: ActivationTap, by_int
             lo, hi = float(row[0]), float(row[1])
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 _bad_activations("NaN" if np.isnan(lo) else "Inf", tap, name)
-            counts = row[3:3 + num_bins].astype(np.int64)
+            counts = row[3:3 + num_bins]  # exact integers in float64, added as such
             for _, cal in by_internal[name]:
                 cal.update_range(lo, hi, sizes[i], k)
                 cal.update_pow2_histogram(counts, int(row[3 + num_bins]), float(row[2]))
             continue
         if mode == "hist":
-            counts = row[:num_bins].astype(np.int64)
+            counts = row[:num_bins]
             for _, cal in by_internal[name]:
                 cal.update_histogram(counts, int(row[num_bins]))
             continue

@@ -120,7 +120,7 @@ class Calibrator:
         """One batch of the histogram pass: counts of non-zero |x| per bin, and the number of exact zeros."""
         if self.hist is None:
             self.hist = np.zeros(self.num_bins, dtype=np.int64)
-        self.hist += counts
+        np.add(self.hist, counts, out=self.hist, casting="unsafe")  # counts: integers, also as float64
         self.zeros += int(zeros)
 
     def update_pow2_histogram(self, counts: np.ndarray, zeros: int, hist_range: float) -> None:
@@ -131,7 +131,7 @@ class Calibrator:
         elif hist_range > self.pow2_hist_range > 0:
             self.hist = merge_pow2(self.hist, int(round(hist_range / self.pow2_hist_range)))
         self.pow2_hist_range = max(self.pow2_hist_range, float(hist_range))
-        self.hist += counts
+        np.add(self.hist, counts, out=self.hist, casting="unsafe")  # counts: integers, also as float64
         self.zeros += int(zeros)
 
     # -- results -------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class ActivationTap:
         self._raw: mx.nd.CachedOp | None = None  # the tapped tensors as outputs, written into kept buffers
         self._raw_args: list | None = None  # its parameter arrays, read once per calibration (begin())
         self._raw_out: dict[tuple[int, ...], list[mx.nd.NDArray]] = {}  # its outputs per input shape
+        self._raw_result: dict[int, np.ndarray] = {}  # the statistics vector per length
         self.raw_ok: bool | None = None  # None: not tried yet; False: in-place reading refused or disagreed
         self._raw_checked: set[tuple[str, int, tuple[int, ...]]] = set()
         #: threads of the in-place reader (the engine's OpenMP threads may still spin right after a forward)
@@ -138,12 +139,14 @@ class ActivationTap:
         """End of a calibration: release the output buffers of the in-place reader (every tapped tensor of a
         batch, per input shape)."""
         self._raw_out = {}
+        self._raw_result = {}
         self._raw_args = None
 
     def batch_stats(self, x: mx.nd.NDArray, mode: str, num_bins: int, aux: np.ndarray | None) -> np.ndarray:
         """``dq_calib_stats(tapped tensors of x, aux, mode)`` as a float64 vector: read in place where
         ``deployq.native.rawstats`` can (checked against the in-graph operator once per mode and shape), else by
-        :meth:`stats_block`. ``aux``: float64 rows as the operator takes them, or None."""
+        :meth:`stats_block`. ``aux``: float64 rows as the operator takes them, or None. The vector is valid until
+        the next call."""
         if self.raw_ok is not False:
             out = self._raw_stats(x, mode, num_bins, aux)
             if out is None:  # a tensor the reader refuses (another dtype, device or layout): not tried again
@@ -191,7 +194,10 @@ class ActivationTap:
         res = iter(bufs)
         arrays = [x if i in self._inputs else next(res) for i in self.internals]
         mx.nd.waitall()  # one call instead of one per tapped tensor (the reader needs them all computed)
-        out = np.empty(len(arrays) * self.STATS_LAYOUT[mode][0](num_bins), dtype=np.float64)
+        n = len(arrays) * self.STATS_LAYOUT[mode][0](num_bins)
+        out = self._raw_result.get(n)  # reused: valid until the next batch (the caller consumes it before)
+        if out is None:
+            out = self._raw_result[n] = np.empty(n, dtype=np.float64)
         aux = None if aux is None else np.ascontiguousarray(aux, dtype=np.float64)
         if rawstats.raw_stats(arrays, mode, num_bins, aux, out, self.raw_threads) != 0:
             return None
