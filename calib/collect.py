@@ -99,7 +99,8 @@ class ActivationTap:
         self._stats: dict[tuple[str, int], gluon.SymbolBlock] = {}
         self._sizes: dict[tuple[int, ...], list[int]] = {}
         self._inputs = {i for i in self.internals if i in sym.list_inputs()}
-        self._raw: mx.nd.CachedOp | None = None  # the tapped tensors as outputs, written into kept buffers
+        #: the tapped tensors as outputs, written into kept buffers (False: no graph, every tensor is the input)
+        self._raw: mx.nd.CachedOp | bool | None = None
         self._raw_args: list | None = None  # its parameter arrays, read once per calibration (begin())
         self._raw_out: dict[tuple[int, ...], list[mx.nd.NDArray]] = {}  # its outputs per input shape
         self._raw_result: dict[int, np.ndarray] = {}  # the statistics vector per length
@@ -178,15 +179,17 @@ class ActivationTap:
             return None
         if self._raw is None:
             outs = [s for i, s in zip(self.internals, self._internal_syms, strict=True) if i not in self._inputs]
-            grp = mx.sym.Group(outs or [mx.sym.zeros((1,))])  # (every tapped tensor a graph input: a dummy)
-            self._raw = mx.nd.CachedOp(grp, flags=[("static_alloc", True)])
+            grp = mx.sym.Group(outs) if outs else None  # None: every tapped tensor is the graph input
+            self._raw = mx.nd.CachedOp(grp, flags=[("static_alloc", True)]) if grp is not None else False
             by_name = {p.name: p for p in self._params.values()}
-            self._raw_inputs = [None if n == "data" else by_name[n] for n in grp.list_inputs()]
+            self._raw_inputs = [] if grp is None else [None if n == "data" else by_name[n] for n in grp.list_inputs()]
         if self._raw_args is None:
             self._raw_args = [None if p is None else p.data() for p in self._raw_inputs]
         args = [x if a is None else a for a in self._raw_args]
         bufs = self._raw_out.get(tuple(x.shape))
-        if bufs is None:  # the first batch of a shape allocates the outputs; later ones write into them
+        if self._raw is False:
+            bufs = []
+        elif bufs is None:  # the first batch of a shape allocates the outputs; later ones write into them
             res = self._raw(*args)
             bufs = self._raw_out[tuple(x.shape)] = list(res) if isinstance(res, (list, tuple)) else [res]
         else:

@@ -154,3 +154,22 @@ def test_tap_cache_follows_the_net():
     assert api._TAP_CACHE[0][2] is not tap
     key = "3:input"
     assert a.tensors[key].observed_min >= 0 > b.tensors[key].observed_min
+
+
+@needs_raw
+def test_input_only_tap(monkeypatch):
+    """A net whose only quantized layer reads the graph input: nothing to run, the input is read in place."""
+    from deployq.calib import api
+
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(4))
+    net.initialize()
+    net.hybridize()
+    x = np.random.default_rng(8).normal(size=(20, 6)).astype(np.float32)
+    files = []
+    for native in (None, False):
+        monkeypatch.setattr(api, "NATIVE", native)
+        files.append([calibrate(net, x, method=m, quiet=True, batch_size=8).to_dict()["tensors"]
+                      for m in ("minmax", "percentile", "kl")])
+    assert files[0] == files[1]
+    assert files[0][0]["0:input"]["observed_max"] == float(x.max())
