@@ -193,8 +193,12 @@ def _tap(net: gluon.HybridBlock, layers: list[str] | None, params: list[gluon.Pa
     return tap
 
 
-def _to_nd(b: Any) -> mx.nd.NDArray:
-    return b if isinstance(b, mx.nd.NDArray) else mx.nd.array(np.asarray(b, dtype=np.float32))
+def _to_nd(b: Any, ctx: mx.Context | None = None) -> mx.nd.NDArray:
+    """A batch as an NDArray on ``ctx`` (the net's: a DataLoader with workers yields ``cpu_shared`` arrays, which
+    MXNet's graphs refuse beside ``cpu`` parameters)."""
+    if not isinstance(b, mx.nd.NDArray):
+        return mx.nd.array(np.asarray(b, dtype=np.float32), ctx=ctx or mx.cpu())
+    return b if ctx is None or b.context == ctx else b.as_in_context(ctx)
 
 
 def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: str | Profile = "ncnn",
@@ -234,9 +238,12 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     except StopIteration:
         raise CalibrationError("no calibration data: the data source yielded no batches") from None
     first_nd = _to_nd(first)
+    if first_nd.context.device_type in ("cpu_shared", "cpu_pinned"):  # (DataLoader workers / pin_memory)
+        first_nd = first_nd.as_in_context(mx.cpu())
     if first_nd.shape[0] == 0:
         raise CalibrationError("no calibration data: the first batch is empty")
     params = _ensure_initialized(net, first_nd)
+    net_ctx = params[0].list_ctx()[0] if params else None
     with ctx:
         tap = _tap(net, layers, params)
     tap.begin()
@@ -277,7 +284,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
             if mode == "hist":
                 aux = np.array([first_cal[n].absmax for n in tap.internals], dtype=np.float64)
         for b in src:
-            x = _to_nd(b)
+            x = _to_nd(b, net_ctx)
             if (kind, k) == passes[0]:
                 hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
             if native:

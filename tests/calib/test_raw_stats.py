@@ -173,3 +173,16 @@ def test_input_only_tap(monkeypatch):
                       for m in ("minmax", "percentile", "kl")])
     assert files[0] == files[1]
     assert files[0][0]["0:input"]["observed_max"] == float(x.max())
+
+
+def test_dataloader_with_workers():
+    """A DataLoader with workers yields cpu_shared batches: calibrate moves them to the net's context and gets
+    the numbers of the same images given as an array."""
+    net = _net((8,))
+    x = np.random.default_rng(9).normal(size=(24, 3, 12, 12)).astype(np.float32)
+    dl = gluon.data.DataLoader(gluon.data.ArrayDataset(x, np.zeros(len(x))), batch_size=8, num_workers=2)
+    assert next(iter(dl))[0].context.device_type == "cpu_shared"
+    for method in ("minmax", "kl"):
+        a = calibrate(net, dl, method=method, quiet=True)
+        b = calibrate(net, x, method=method, quiet=True, batch_size=8)
+        assert a.to_dict()["tensors"] == b.to_dict()["tensors"]
