@@ -82,8 +82,8 @@ class Calibrator:
     #: whether the method reads a histogram of |x|
     uses_histogram: ClassVar[bool] = False
     #: histogram in the range pass (over [0, R), R a power of two, ``update_pow2_histogram``) instead of a
-    #: second pass over [0, absmax]; needs a power-of-two ``num_bins``
-    one_pass_histogram: ClassVar[bool] = False
+    #: second pass over [0, absmax]; needs a power-of-two ``num_bins`` (a class default: KL sets it per instance)
+    one_pass_histogram: bool = False
     #: what the last range pass needs beyond the batch range, computed in the graph by the fused calibration
     #: operator (``dq_calib_stats``): "range" (nothing) or "clip" (EMA's count of values beyond the running
     #: threshold, given to ``observe_clipped``)
@@ -166,8 +166,10 @@ class Calibrator:
 
     def clipped_share(self, threshold: float) -> float | None:
         """Share of all values with |x| > threshold, from the histogram (None without one)."""
+        if threshold >= self.absmax:  # nothing lies beyond the max (a bin's uniform share would say otherwise)
+            return 0.0
         if self.hist is None:
-            return 0.0 if threshold >= self.absmax else None
+            return None
         total = int(self.hist.sum()) + self.zeros
         if total == 0 or self.absmax == 0:
             return 0.0

@@ -16,10 +16,10 @@ from typing import Any
 from .base import CALIBRATORS
 
 #: method -> the method options it takes (CLI dest names)
-METHOD_OPTIONS = {"minmax": (), "ema": ("momentum", "passes"), "kl": ("bins", "clip_guard"),
+METHOD_OPTIONS = {"minmax": (), "ema": ("momentum", "passes"), "kl": ("bins", "clip_guard", "one_pass"),
                   "percentile": ("percentile", "bins"), "mse": ("bins",)}
 _FLAGS = {"momentum": "--momentum", "passes": "--passes", "bins": "--bins",
-          "clip_guard": "--clip-guard/--no-clip-guard", "percentile": "--percentile"}
+          "clip_guard": "--clip-guard/--no-clip-guard", "percentile": "--percentile", "one_pass": "--one-pass"}
 
 
 class UsageError(ValueError):
@@ -61,6 +61,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                     help="kl: raise a KL threshold that clips more than SHARE of the values (on, 0.001)")
     cg.add_argument("--no-clip-guard", dest="clip_guard", action="store_const", const=-1.0,
                     help="kl: keep ncnn2table's threshold unchanged")
+    g.add_argument("--one-pass", action="store_const", const=True, default=None,
+                   help="kl: read the data once, KL over the power-of-two histogram of percentile/mse (faster; not "
+                        "ncnn2table's exact histogram)")
     w = p.add_argument_group("guard rails")
     w.add_argument("--warn-clip-share", type=float, default=None,
                    help="warn when a threshold clips more than this share of a tensor's values (0.001)")
@@ -95,7 +98,7 @@ def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.bins is not None:
         if args.bins < 16:
             raise UsageError(f"--bins must be >= 16, got {args.bins}")
-        if args.method in ("percentile", "mse") and args.bins & (args.bins - 1):
+        if (args.method in ("percentile", "mse") or getattr(args, "one_pass", None)) and args.bins & (args.bins - 1):
             raise UsageError(f"--bins must be a power of two for --method {args.method} (its histogram range "
                              f"doubles in one pass), got {args.bins}")
         kw["num_bins"] = args.bins
@@ -103,6 +106,8 @@ def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if not 0.0 < args.percentile <= 100.0:
             raise UsageError(f"--percentile must be in (0, 100], got {args.percentile:g}")
         kw["percentile"] = args.percentile
+    if getattr(args, "one_pass", None):
+        kw["one_pass"] = True
     if args.clip_guard is not None:
         if args.clip_guard == -1.0:
             kw["max_clipped_share"] = None
@@ -201,9 +206,12 @@ def run(args: argparse.Namespace) -> int:
                            warn_threshold_ratio=(WARN_THRESHOLD_RATIO if args.warn_threshold_ratio is None
                                                  else args.warn_threshold_ratio), **kw)
         opts = " ".join(f"{_FLAGS[k].split('/')[0]} {getattr(args, k):g}" for k in METHOD_OPTIONS[args.method]
-                        if getattr(args, k) is not None and not (k == "clip_guard" and args.clip_guard == -1.0))
+                        if getattr(args, k) is not None and k != "one_pass"
+                        and not (k == "clip_guard" and args.clip_guard == -1.0))
         if args.clip_guard == -1.0:
             opts += " --no-clip-guard"
+        if getattr(args, "one_pass", None):
+            opts += " --one-pass"
         src = f"--qnet {Path(args.qnet).name}" if args.qnet else name
         sf.producer = " ".join(f"deployq calibrate {src} --method {args.method} {opts} --profile {profile} "
                                f"--data {Path(args.data).name} --images {len(x)} --seed {args.seed}".split())

@@ -15,6 +15,11 @@ data (ncnn-int8.md §9; MXNet's ``entropy`` mode loses 15-55 points the same way
 clips more than ``max_clipped_share`` of the non-zero values, the threshold is raised to the smallest bin edge
 that clips at most that share, and a warning names the tensor. ``max_clipped_share=None`` gives ncnn2table's
 result unchanged.
+
+``one_pass=True`` (not ncnn2table's result): the same search on the one-pass histogram of percentile/mse,
+``num_bins`` bins over [0, R), R the power of two above the max |x| (at least num_bins / 2 bins below the max),
+as if ncnn's absmax were R; threshold = (best_t + 0.5) * R / num_bins, at most the max. The data is read once
+instead of twice.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import functools
 import numpy as np
 
 from ..profiles import TensorGrid
-from .base import Calibrator, register
+from .base import Calibrator, check_pow2_bins, register
 
 KL_EPS = 1e-4
 
@@ -103,8 +108,9 @@ class KLCalibrator(Calibrator):
     uses_histogram = True
 
     def __init__(self, grid: TensorGrid | None = None, num_bins: int = 2048, eps: float = KL_EPS,
-                 max_clipped_share: float | None = 1e-3):
-        self.num_bins = int(num_bins)
+                 max_clipped_share: float | None = 1e-3, one_pass: bool = False):
+        self.one_pass_histogram = bool(one_pass)
+        self.num_bins = check_pow2_bins(num_bins) if one_pass else int(num_bins)
         self.eps = float(eps)
         if max_clipped_share is not None and not 0.0 < max_clipped_share < 1.0:
             raise ValueError(f"max_clipped_share must be in (0, 1) or None, got {max_clipped_share}")
@@ -128,5 +134,5 @@ class KLCalibrator(Calibrator):
             floor_bin = int(ok[0]) if len(ok) else self.num_bins
             if floor_bin > t + 1:
                 self.guarded = True
-                return min(floor_bin, self.num_bins) * self.absmax / self.num_bins
-        return (t + 0.5) * self.absmax / self.num_bins
+                return min(min(floor_bin, self.num_bins) * self.hist_range / self.num_bins, self.absmax)
+        return min((t + 0.5) * self.hist_range / self.num_bins, self.absmax)

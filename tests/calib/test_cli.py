@@ -78,6 +78,12 @@ def test_method_options_reach_the_calibrator(tmp_path, fp32_relu0):
     # the guard only ever raises ncnn2table's threshold, and it does on the normalised MNIST input
     assert all(on[k].threshold >= off[k].threshold - 1e-9 for k in on)
     assert on["features.0:input"].threshold > off["features.0:input"].threshold
+    k1 = tmp_path / "k1.json"
+    assert main(["calibrate", "resnet20", "--method", "kl", "--one-pass", "--num-sample", "3", "--out", str(k1),
+                 "--quiet"]) == 0
+    assert "--one-pass" in load(k1).producer
+    one = load(k1).tensors
+    assert all(one[k].threshold <= one[k].observed_absmax for k in one)
     e = tmp_path / "e.json"
     assert main(["calibrate", "resnet20", "--method", "ema", "--momentum", "0.5", "--passes", "2",
                  "--batch-size", "8", "--num-sample", "3", "--out", str(e), "--quiet"]) == 0
@@ -121,6 +127,8 @@ def test_qnet_with_npz_and_image_folder(tmp_path, capsys, calib_images):
     (["resnet20", "--method", "ema", "--momentum", "1.5"], r"--momentum must be in \[0, 1\)"),
     (["resnet20", "--method", "percentile", "--percentile", "0"], r"--percentile must be in \(0, 100\]"),
     (["resnet20", "--method", "mse", "--bins", "1000"], "--bins must be a power of two for --method mse"),
+    (["resnet20", "--method", "percentile", "--one-pass"], "--one-pass does not apply to --method percentile"),
+    (["resnet20", "--method", "kl", "--one-pass", "--bins", "1000"], "--bins must be a power of two for --method kl"),
     (["resnet20", "--method", "kl", "--bins", "100"], "num_bins must exceed the 128 quantized levels"),
     (["resnet20", "--method", "kl", "--clip-guard", "2"], r"--clip-guard must be a share in \(0, 1\)"),
     (["resnet20", "--warn-clip-share", "-1"], r"--warn-clip-share must be in \[0, 1\]"),

@@ -103,7 +103,8 @@ def test_clip_counts_match_ema_observe():
 
 
 @pytest.mark.parametrize("method,kw", [("minmax", {}), ("ema", {}), ("ema", {"passes": 2, "momentum": 0.5}),
-                                       ("kl", {}), ("kl", {"max_clipped_share": None}), ("percentile", {}),
+                                       ("kl", {}), ("kl", {"max_clipped_share": None}), ("kl", {"one_pass": True}),
+                                       ("percentile", {}),
                                        ("mse", {}), ("mse", {"num_bins": 256})])
 def test_calibrate_native_equals_numpy(method, kw, monkeypatch):
     rng = np.random.default_rng(3)

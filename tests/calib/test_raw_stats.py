@@ -186,3 +186,32 @@ def test_dataloader_with_workers():
         a = calibrate(net, dl, method=method, quiet=True)
         b = calibrate(net, x, method=method, quiet=True, batch_size=8)
         assert a.to_dict()["tensors"] == b.to_dict()["tensors"]
+
+
+def test_one_pass_kl():
+    """kl(one_pass=True): ncnn's KL search on the one-pass histogram, as if absmax were R; at most the max."""
+    from deployq.calib.kl import KLCalibrator, kl_best_bin
+
+    rng = np.random.default_rng(10)
+    batches = [np.maximum(rng.normal(0, s, 20000), 0).astype(np.float32) for s in (1.0, 2.5, 0.7)]
+    cal = KLCalibrator(one_pass=True, max_clipped_share=None)
+    assert cal.one_pass_histogram and not KLCalibrator().one_pass_histogram
+    for b in batches:
+        cal.update_range(float(b.min()), float(b.max()), b.size)
+        r = pow2_range(float(np.abs(b).max()), cal.pow2_hist_range)
+        cal.update_pow2_histogram(*abs_histogram(b, r, 2048), r)
+    res = cal.compute()
+    t = kl_best_bin(cal.hist, cal.levels)
+    assert res.threshold == min((t + 0.5) * cal.hist_range / 2048, cal.absmax) <= cal.absmax
+    assert cal.hist_range == 16.0 and cal.absmax < 16.0
+    with pytest.raises(ValueError, match="power of two"):
+        KLCalibrator(one_pass=True, num_bins=2000)
+    assert KLCalibrator(num_bins=2000).num_bins == 2000  # ncnn's histogram takes any bin count
+
+
+def test_threshold_at_max_clips_nothing():
+    cal = PercentileCalibrator(num_bins=16)
+    x = np.linspace(0, 3.0, 1001, dtype=np.float32)
+    cal.update_range(0.0, 3.0, x.size)
+    cal.update_pow2_histogram(*abs_histogram(x, 4.0, 16), 4.0)
+    assert cal.clipped_share(3.0) == 0.0 and cal.clipped_share(2.0) > 0.3
