@@ -379,27 +379,20 @@ def _apply_stats(stats: np.ndarray, sizes: list[int], tap: ActivationTap, by_int
     order) to the calibrators: min/max (and clipped counts in ``clip`` mode) or histogram counts + zeros."""
     for i, name in enumerate(tap.internals):
         row = stats[i * width:(i + 1) * width]
-        if mode == "pow2":  # [lo, hi, R, counts, zeros]
-            lo, hi = float(row[0]), float(row[1])
-            if not (np.isfinite(lo) and np.isfinite(hi)):
-                _bad_activations("NaN" if np.isnan(lo) else "Inf", tap, name)
-            counts = row[3:3 + num_bins]  # exact integers in float64, added as such
-            for _, cal in by_internal[name]:
-                cal.update_range(lo, hi, sizes[i], k)
-                cal.update_pow2_histogram(counts, int(row[3 + num_bins]), float(row[2]))
+        cals = [cal for _, cal in by_internal[name]]
+        if mode == "hist":  # [counts, zeros]
+            for cal in cals:
+                cal.update_histogram(row[:num_bins], int(row[num_bins]))  # exact integers in float64
             continue
-        if mode == "hist":
-            counts = row[:num_bins]
-            for _, cal in by_internal[name]:
-                cal.update_histogram(counts, int(row[num_bins]))
-            continue
-        lo, hi = float(row[0]), float(row[1])
+        lo, hi = float(row[0]), float(row[1])  # range, clip: [lo, hi(, clipped)]; pow2: [lo, hi, R, counts, zeros]
         if not (np.isfinite(lo) and np.isfinite(hi)):
             _bad_activations("NaN" if np.isnan(lo) else "Inf", tap, name)
-        for _, cal in by_internal[name]:
+        for cal in cals:
             cal.update_range(lo, hi, sizes[i], k)
             if mode == "clip":
                 cal.observe_clipped(int(row[2]), sizes[i], k)
+            elif mode == "pow2":
+                cal.update_pow2_histogram(row[3:3 + num_bins], int(row[3 + num_bins]), float(row[2]))
 
 
 def _bad_activations(bad: str, tap: ActivationTap, name: str) -> None:

@@ -98,7 +98,7 @@ class ActivationTap:
         self._params = net.collect_params()
         self._stats: dict[tuple[str, int], gluon.SymbolBlock] = {}
         self._sizes: dict[tuple[int, ...], list[int]] = {}
-        self._inputs = {i for i in self.internals if i in sym.list_inputs()}
+        self._inputs = set(self.internals) & set(sym.list_inputs())  # tapped graph inputs ("data")
         #: the tapped tensors as outputs, written into kept buffers (False: no graph, every tensor is the input)
         self._raw: mx.nd.CachedOp | bool | None = None
         self._raw_args: list | None = None  # its parameter arrays, read once per calibration (begin())
@@ -106,8 +106,6 @@ class ActivationTap:
         self._raw_result: dict[int, np.ndarray] = {}  # the statistics vector per length
         self.raw_ok: bool | None = None  # None: not tried yet; False: in-place reading refused or disagreed
         self._raw_checked: set[tuple[str, int, tuple[int, ...]]] = set()
-        #: threads of the in-place reader (the engine's OpenMP threads may still spin right after a forward)
-        self.raw_threads = 1
 
     def __call__(self, x: mx.nd.NDArray) -> list[mx.nd.NDArray]:
         out = self.block(x)
@@ -202,7 +200,7 @@ class ActivationTap:
         if out is None:
             out = self._raw_result[n] = np.empty(n, dtype=np.float64)
         aux = None if aux is None else np.ascontiguousarray(aux, dtype=np.float64)
-        if rawstats.raw_stats(arrays, mode, num_bins, aux, out, self.raw_threads) != 0:
+        if rawstats.raw_stats(arrays, mode, num_bins, aux, out) != 0:
             return None
         return out
 

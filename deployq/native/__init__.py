@@ -80,6 +80,15 @@ def library_key(source: Path, flags: tuple[str, ...] = ()) -> str:
     return h.hexdigest()[:16]
 
 
+def built_library(source: Path, stem: str, flags: tuple[str, ...] = (), lib_api: bool = True) -> Path:
+    """The shared library of ``source`` in the cache (``<stem>-<library_key>.so``), compiled first if missing;
+    raises RuntimeError when the build fails."""
+    lib = _cache_dir() / f"{stem}-{library_key(source, flags)}.so"
+    if not lib.exists():
+        _build(source, lib, lib_api=lib_api, flags=flags)
+    return lib
+
+
 def load_library(source: Path, stem: str, ops: tuple[str, ...], without: str, flags: tuple[str, ...] = ()) -> bool:
     """Build (first use) and load the operator library of ``source`` (cache key: source, MXNet version, arch
     flags); True when ``ops`` are registered. ``without``: what deployq does instead, for the warning; ``flags``:
@@ -90,11 +99,8 @@ def load_library(source: Path, stem: str, ops: tuple[str, ...], without: str, fl
 
     if all(hasattr(mx.nd, op) and hasattr(mx.sym, op) for op in ops):
         return True
-    lib = _cache_dir() / f"{stem}-{library_key(source, flags)}.so"
     try:
-        if not lib.exists():
-            _build(source, lib, flags=flags)
-        mx.library.load(str(lib), False)
+        mx.library.load(str(built_library(source, stem, flags)), False)
     except (RuntimeError, OSError, mx.base.MXNetError) as e:
         warnings.warn(f"deployq: fused operators of {source.name} unavailable ({e}); {without}", RuntimeWarning,
                       stacklevel=3)

@@ -32,6 +32,7 @@
 
 #include "calibstats.h"  // the kernels (shared with rawstats.cc)
 #include "lib_api.h"
+#include "opslib.h"
 
 using namespace mxnet::ext;
 using Attrs = std::unordered_map<std::string, std::string>;
@@ -107,14 +108,6 @@ MXReturnValue forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector
   return MX_SUCCESS;
 }
 
-// statistics have no gradient (registered only because a CachedOp builds the backward graph): zeros
-MXReturnValue backward(const Attrs&, std::vector<MXTensor>*, std::vector<MXTensor>* out, const OpResource&) {
-  for (auto& t : *out) {
-    const size_t bytes = t.dtype == kFloat64 ? sizeof(double) : sizeof(float);
-    std::memset(t.data_ptr, 0, bytes * t.size());
-  }
-  return MX_SUCCESS;
-}
 
 }  // namespace
 
@@ -123,12 +116,4 @@ REGISTER_OP(dq_calib_stats)
     .setInferType(infer_type)
     .setInferShape(infer_shape)
     .setForward(forward, "cpu")
-    .setBackward(backward, "cpu");
-
-MXReturnValue initialize(int version) {
-  if (version < 10900) {
-    MX_ERROR_MSG << "deployq calibration ops need MXNet >= 1.9 (found " << version << ")";
-    return MX_FAIL;
-  }
-  return MX_SUCCESS;
-}
+    .setBackward(deployq_ops::zero_backward, "cpu");  // statistics have no gradient

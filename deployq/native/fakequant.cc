@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "lib_api.h"
+#include "opslib.h"
 
 using namespace mxnet::ext;
 using Attrs = std::unordered_map<std::string, std::string>;
@@ -466,13 +467,6 @@ MXReturnValue bn_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vec
   }
   return MX_SUCCESS;
 }
-MXReturnValue zero_backward(const Attrs&, std::vector<MXTensor>*, std::vector<MXTensor>* out, const OpResource&) {
-  for (auto& t : *out) {
-    const size_t bytes = t.dtype == kFloat64 ? sizeof(double) : sizeof(float);
-    std::memset(t.data_ptr, 0, bytes * t.size());
-  }
-  return MX_SUCCESS;
-}
 
 // ------------------------------------------------------------------ dq_bn_fold
 // attrs: eps, fix_gamma (gamma read as 1), has_bias (a 6th input b)
@@ -583,12 +577,4 @@ REGISTER_OP(dq_bn_stats)
     .setInferShape(bn_shape)
     .setMutateInputs(bn_mutate)
     .setForward(bn_forward, "cpu")
-    .setBackward(zero_backward, "cpu");
-
-MXReturnValue initialize(int version) {
-  if (version < 10900) {
-    MX_ERROR_MSG << "deployq native ops need MXNet >= 1.9 (found " << version << ")";
-    return MX_FAIL;
-  }
-  return MX_SUCCESS;
-}
+    .setBackward(deployq_ops::zero_backward, "cpu");

@@ -16,10 +16,10 @@
 // verifies the first batch of every graph against the in-graph operator before trusting this reader.
 //
 // Entry point (C ABI, called through ctypes with the GIL released):
-//   int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out,
-//                    int threads)
+//   int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out)
 // mode 0/1/2/3 = range/clip/hist/pow2 as dq_calib_stats, aux/out laid out as there. Returns 0, or 1 + i when tensor i
-// cannot be read in place (nothing is meaningful in `out` then). The caller has waited for the arrays.
+// cannot be read in place (nothing is meaningful in `out` then). The caller has waited for the arrays. One thread:
+// right after a forward the engine's OpenMP threads still spin, and a second thread here measured slower.
 #include <dmlc/base.h>
 #include <dmlc/logging.h>
 #include <dmlc/io.h>
@@ -43,7 +43,8 @@
 #include <mxnet/engine.h>
 #include <mxnet/storage.h>
 
-// NDArray keeps its chunk private; the headers above are complete, so only ndarray.h itself sees the define
+// NDArray keeps its chunk private; every header ndarray.h includes is included above (std ones too), so only
+// ndarray.h itself sees the define
 #define private public
 #define protected public
 #include <mxnet/ndarray.h>
@@ -90,8 +91,7 @@ const float* dense_elements(const mxnet::NDArray* a, int64_t* n) {
 
 }  // namespace
 
-extern "C" int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out,
-                            int threads) {
+extern "C" int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out) {
   const Mode m = static_cast<Mode>(mode);
   if (k < 1 || (m != kRange && m != kClip && m != kHist && m != kPow2) ||
       ((m == kHist || m == kPow2) && (num_bins < 2 || num_bins > (1 << 24))))
@@ -103,31 +103,6 @@ extern "C" int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, c
     if (x[i] == nullptr) return 1 + i;
   }
   const int64_t len = out_len(m, num_bins), row = aux_row(m);
-  auto one = [&](int i) {
-    stats_of(m, x[i], n[i], has_aux(m) ? aux + i * row : nullptr, num_bins, out + i * len);
-  };
-  threads = std::max(1, std::min(threads, k));
-  if (threads == 1) {
-    for (int i = 0; i < k; ++i) one(i);
-    return 0;
-  }
-  // largest tensors first, each to the least loaded worker (the statistics are per tensor: no shared state)
-  std::vector<int> order(k);
-  for (int i = 0; i < k; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](int a, int b) { return n[a] > n[b]; });
-  std::vector<std::vector<int>> work(threads);
-  std::vector<int64_t> load(threads, 0);
-  for (int i : order) {
-    const int w = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    work[w].push_back(i);
-    load[w] += n[i];
-  }
-  std::vector<std::thread> pool;
-  for (int w = 1; w < threads; ++w)
-    pool.emplace_back([&, w] {
-      for (int i : work[w]) one(i);
-    });
-  for (int i : work[0]) one(i);
-  for (auto& t : pool) t.join();
+  for (int i = 0; i < k; ++i) stats_of(m, x[i], n[i], has_aux(m) ? aux + i * row : nullptr, num_bins, out + i * len);
   return 0;
 }

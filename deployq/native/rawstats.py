@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _build, _cache_dir, avx512_flags, library_key
+from . import avx512_flags, built_library
 
 SOURCE = Path(__file__).with_name("rawstats.cc")
 #: statistics modes of calibstats.h, as dq_calib_stats names them
 MODES = {"range": 0, "clip": 1, "hist": 2, "pow2": 3}
 _FLAGS = ("-DMXNET_USE_MKLDNN=1", "-DMSHADOW_USE_CBLAS=0", "-DMSHADOW_USE_MKL=0", "-DMSHADOW_USE_CUDA=0",
-          "-DMXNET_USE_CUDA=0", "-DDMLC_USE_CXX11=1", "-pthread")
+          "-DMXNET_USE_CUDA=0", "-DDMLC_USE_CXX11=1")
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,23 +38,19 @@ def load() -> ctypes.CDLL | None:
         return None  # the mirrored MKLDNNMemory layout is MXNet 1.9's; nothing to read in place without oneDNN
     mxdir = Path(mx.__file__).parent
     flags = (*_FLAGS, *avx512_flags(), f"-I{mxdir / 'include' / 'mkldnn'}")
-    lib_path = _cache_dir() / f"libdeployq_rawstats-{library_key(SOURCE, (*_FLAGS, *avx512_flags()))}.so"
     try:
-        if not lib_path.exists():
-            _build(SOURCE, lib_path, lib_api=False, flags=flags)
-        lib = ctypes.CDLL(str(lib_path))
+        lib = ctypes.CDLL(str(built_library(SOURCE, "libdeployq_rawstats", flags, lib_api=False)))
     except (RuntimeError, OSError) as e:
         warnings.warn(f"deployq: in-place activation reader unavailable ({e}); calibration reorders activations "
                       "(same results, slower)", RuntimeWarning, stacklevel=2)
         return None
     lib.dq_raw_stats.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                 ctypes.c_void_p, ctypes.c_void_p]
     lib.dq_raw_stats.restype = ctypes.c_int
     return lib
 
 
-def raw_stats(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, out: np.ndarray,
-              threads: int = 1) -> int:
+def raw_stats(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, out: np.ndarray) -> int:
     """``dq_calib_stats``'s output for ``arrays`` (MXNet NDArrays, already computed: the caller waits) written into
     ``out`` (float64); returns 0, or 1 + i when array i cannot be read in place (``out`` is then meaningless)."""
     lib = load()
@@ -62,4 +58,4 @@ def raw_stats(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, ou
         raise RuntimeError("deployq.native.rawstats is not available")
     handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
     aux_p = None if aux is None else aux.ctypes.data
-    return int(lib.dq_raw_stats(handles, len(arrays), MODES[mode], int(num_bins), aux_p, out.ctypes.data, threads))
+    return int(lib.dq_raw_stats(handles, len(arrays), MODES[mode], int(num_bins), aux_p, out.ctypes.data))
