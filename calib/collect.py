@@ -14,6 +14,13 @@ Faster still, :meth:`ActivationTap.batch_stats` runs a graph whose outputs are t
 reads them where oneDNN left them (``deployq.native.rawstats``: no reorder at all; the statistics do not depend on
 the element order). The first batch of every mode and input shape is computed both ways and compared exactly;
 on any difference, or a tensor that cannot be read in place, the tap uses the in-graph operator from then on.
+
+Every graph of the tap is partitioned with oneDNN's subgraph backend (``get_backend_symbol('MKLDNN')``) where
+MXNet has it: Convolution + BatchNorm (+ add) + ReLU run as one operator with BN folded into the weights, as ncnn
+runs the deployed net (the profile folds BN first). The tapped tensors then differ from the plain graph's by float
+rounding only; :meth:`ActivationTap.check_fusion` compares the two on the first images the tap sees (max
+difference within ``FUSION_RTOL`` of each tensor's max |x|), and the tap uses the plain graph from then on if they
+disagree. ``fuse=False`` reads the plain graph.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ from mxnet import gluon
 from ..naming import node_path, prefix_map, structure_fingerprint
 
 WEIGHTED_OPS = ("Convolution", "FullyConnected")
+#: largest accepted difference between the fused and the plain graph's tapped tensors, relative to max |x|
+FUSION_RTOL = 1e-4
+#: images of the first batch on which the fused graph is checked against the plain one
+FUSION_CHECK_IMAGES = 8
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,24 @@ def trace(net: gluon.HybridBlock):
     if isinstance(out, (list, tuple)):
         out = out[0]
     return out
+
+
+def fused_outputs(syms: list, inputs: set[str]) -> list | None:
+    """``syms`` (outputs of one graph; those named in ``inputs`` are graph inputs, kept as they are) from the graph
+    partitioned by oneDNN's subgraph backend (Conv + BN + ReLU (+ add) fused, BN folded), or None where MXNet has
+    no oneDNN or the partitioning fails."""
+    if not mx.runtime.Features().is_enabled("MKLDNN"):
+        return None
+    outs = [s for s in syms if s.name not in inputs]
+    if not outs:
+        return None
+    try:
+        g = mx.sym.Group(outs).get_backend_symbol("MKLDNN")
+        parts = iter([g[j] for j in range(len(outs))])
+        fused = [s if s.name in inputs else next(parts) for s in syms]
+    except mx.base.MXNetError:
+        return None
+    return fused
 
 
 def tap_points(sym, net: gluon.Block, layers=None) -> list[TapPoint]:
@@ -77,7 +106,7 @@ class ActivationTap:
     """Runs the fp32 graph and returns the tapped tensors of a batch as NDArrays (one per unique tensor), in
     MXNet's default layout."""
 
-    def __init__(self, net: gluon.HybridBlock, layers=None):
+    def __init__(self, net: gluon.HybridBlock, layers=None, fuse: bool = True):
         sym = trace(net)
         self.symbol_json = sym.tojson()
         self.fingerprint = structure_fingerprint(self.symbol_json)
@@ -88,17 +117,16 @@ class ActivationTap:
                 raise ValueError(f"quantized layers not found in the traced graph: {', '.join(missing)}")
         self.internals = list(OrderedDict.fromkeys(p.internal for p in self.points))
         internals = sym.get_internals()
-        # an identity per output: MXNet writes it in the default (plain NCHW) layout, not oneDNN's blocked one,
-        # so the host reads it through a zero-copy view (deployq.calib.api.HostReader) instead of a reorder+copy
-        outs = [mx.sym.identity(internals[i]) for i in self.internals]
-        self.block = gluon.SymbolBlock(outs, mx.sym.var("data"), params=net.collect_params())
-        self.block.hybridize(static_alloc=True)
-
-        self._internal_syms = [internals[i] for i in self.internals]
         self._params = net.collect_params()
+        self._inputs = set(self.internals) & set(sym.list_inputs())  # tapped graph inputs ("data")
+        self._plain_syms = [internals[i] for i in self.internals]
+        fused = fused_outputs(self._plain_syms, self._inputs) if fuse else None
+        #: whether the tapped tensors come from the oneDNN-fused graph (BN folded); None: not checked yet
+        self.fused: bool | None = None if fused is not None else False
+        self._internal_syms = fused or self._plain_syms
+        self.block = self._host_block(self._internal_syms)
         self._stats: dict[tuple[str, int], gluon.SymbolBlock] = {}
         self._sizes: dict[tuple[int, ...], list[int]] = {}
-        self._inputs = set(self.internals) & set(sym.list_inputs())  # tapped graph inputs ("data")
         #: the tapped tensors as outputs, written into kept buffers (False: no graph, every tensor is the input)
         self._raw: mx.nd.CachedOp | bool | None = None
         self._raw_args: list | None = None  # its parameter arrays, read once per calibration (begin())
@@ -107,9 +135,43 @@ class ActivationTap:
         self.raw_ok: bool | None = None  # None: not tried yet; False: in-place reading refused or disagreed
         self._raw_checked: set[tuple[str, int, tuple[int, ...]]] = set()
 
+    def _host_block(self, syms: list) -> gluon.SymbolBlock:
+        # an identity per output: MXNet writes it in the default (plain NCHW) layout, not oneDNN's blocked one,
+        # so the host reads it through a zero-copy view (deployq.calib.api.HostReader) instead of a reorder+copy
+        blk = gluon.SymbolBlock([mx.sym.identity(s) for s in syms], mx.sym.var("data"), params=self._params)
+        blk.hybridize(static_alloc=True)
+        return blk
+
     def __call__(self, x: mx.nd.NDArray) -> list[mx.nd.NDArray]:
         out = self.block(x)
         return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def check_fusion(self, x: mx.nd.NDArray) -> bool:
+        """Once per tap, on the first ``FUSION_CHECK_IMAGES`` images of ``x``: do the fused graph's tapped tensors
+        agree with the plain graph's (max difference <= ``FUSION_RTOL`` x max |x| per tensor)? If not, a warning
+        names the first tensor that differs and the tap reads the plain graph from then on. Returns ``fused``."""
+        if self.fused is not None:
+            return self.fused
+        xs = x[:FUSION_CHECK_IMAGES]
+        plain = self._host_block(self._plain_syms)
+        ref = plain(xs)
+        ref = list(ref) if isinstance(ref, (list, tuple)) else [ref]
+        for name, f, p in zip(self.internals, self(xs), ref, strict=True):
+            f, p = f.asnumpy(), p.asnumpy()
+            if not np.isfinite(p).all():  # bad activations: calibrate() names them
+                continue
+            scale = float(np.abs(p).max()) if p.size else 0.0
+            diff = float(np.abs(f - p).max()) if p.size else 0.0
+            if not diff <= FUSION_RTOL * scale:  # (also NaN)
+                warnings.warn(f"deployq.calib: the oneDNN-fused graph's {name} differs from the plain graph's by "
+                              f"{diff:.3g} (max |x| {scale:.3g}); reading the plain graph", RuntimeWarning,
+                              stacklevel=3)
+                self._internal_syms, self.block = self._plain_syms, plain
+                self._stats, self._raw, self._raw_out, self._raw_checked = {}, None, {}, set()
+                self.fused = False
+                return False
+        self.fused = True
+        return True
 
     #: per mode: (values per tensor in the stats vector given num_bins, aux values per tensor or 0 for no aux)
     STATS_LAYOUT = {"range": (lambda b: 2, 0), "clip": (lambda b: 3, 4), "hist": (lambda b: b + 1, 1),
@@ -178,7 +240,9 @@ class ActivationTap:
         if self._raw is None:
             outs = [s for i, s in zip(self.internals, self._internal_syms, strict=True) if i not in self._inputs]
             grp = mx.sym.Group(outs) if outs else None  # None: every tapped tensor is the graph input
-            self._raw = mx.nd.CachedOp(grp, flags=[("static_alloc", True)]) if grp is not None else False
+            # static_shape: memory planned once per input shape (without it each call re-plans: 1.5x slower)
+            flags = [("static_alloc", True), ("static_shape", True)]
+            self._raw = mx.nd.CachedOp(grp, flags=flags) if grp is not None else False
             by_name = {p.name: p for p in self._params.values()}
             self._raw_inputs = [] if grp is None else [None if n == "data" else by_name[n] for n in grp.list_inputs()]
         if self._raw_args is None:
