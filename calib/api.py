@@ -21,6 +21,7 @@ from .base import CalibrationError, Calibrator, get_calibrator, pow2_range
 from .collect import ActivationTap, trace
 from .histogram import abs_histogram
 from .scalefile import ScaleFile, ScaleFileError, StreamHash, TensorRange
+from .totals import PassTotals
 
 __all__ = ["CalibrationWarning", "StreamHash", "apply", "calibrate", "check", "class_balanced_sampler",
            "iter_batches", "report"]
@@ -202,6 +203,27 @@ def _to_nd(b: Any, ctx: mx.Context | None = None) -> mx.nd.NDArray:
     return b if ctx is None or b.context == ctx else b.as_in_context(ctx)
 
 
+class BatchInput:
+    """NumPy batches as NDArrays on the net's context without an allocation per batch: one array per batch shape,
+    overwritten by the next batch of that shape (the caller has finished with the previous one: calibrate() waits
+    for every batch). NDArray batches are passed through (moved to ``ctx`` where needed)."""
+
+    def __init__(self, ctx: mx.Context | None) -> None:
+        self.ctx = ctx or mx.cpu()
+        self.arrays: dict[tuple[int, ...], mx.nd.NDArray] = {}
+
+    def __call__(self, b: Any) -> mx.nd.NDArray:
+        if isinstance(b, mx.nd.NDArray):
+            return _to_nd(b, self.ctx)
+        a = np.ascontiguousarray(b, dtype=np.float32)
+        nd = self.arrays.get(a.shape)
+        if nd is None:
+            nd = self.arrays[a.shape] = mx.nd.empty(a.shape, ctx=self.ctx, dtype=np.float32)
+        mx.base.check_call(mx.base._LIB.MXNDArraySyncCopyFromCPU(nd.handle, a.ctypes.data_as(ctypes.c_void_p),
+                                                                 ctypes.c_size_t(a.size)))
+        return nd
+
+
 def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: str | Profile = "ncnn",
               num_batches: int | None = None, quiet: bool = False, *, batch_size: int = 64,
               model_name: str | None = None, warn_clip_share: float = WARN_CLIP_SHARE,
@@ -275,6 +297,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                                "(array, list, DataLoader), not a one-shot iterator")
     nb = _num_batches(data, batch_size, num_batches)
     bar = progress(total=None if nb is None else nb * len(passes), desc=f"calibrate {method}", disable=quiet)
+    to_input = BatchInput(net_ctx)
     hasher = StreamHash()  # in this thread: a hashing thread beside the engine's OpenMP threads slows both
     native = _use_native()
     read = HostReader()
@@ -289,11 +312,21 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
             aux = None
             if mode == "hist":
                 aux = np.array([first_cal[n].absmax for n in tap.internals], dtype=np.float64)
+            # order-independent methods add the batches up over all tensors at once (fed at the end of the pass)
+            totals = PassTotals(len(tap.internals), mode, c0.num_bins, aux) if c0.order_independent else None
         for b in src:
-            x = _to_nd(b, net_ctx)
+            x = to_input(b)
             if (kind, k) == passes[0]:
                 hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
             if native:
+                if totals is not None:
+                    tap.accumulate(x, mode, c0.num_bins, totals)
+                    bad = totals.bad_tensor()
+                    if bad is not None:
+                        lo_hi = (totals.lo[bad], totals.hi[bad])
+                        _bad_activations("NaN" if np.isnan(lo_hi).any() else "Inf", tap, tap.internals[bad])
+                    bar.update(1)
+                    continue
                 if mode == "clip":
                     aux = np.array([first_cal[n].state_row() for n in tap.internals], dtype=np.float64).ravel()
                 elif mode == "pow2":
@@ -324,6 +357,8 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                         cal.update_histogram(counts, zeros)
                 del a
             bar.update(1)
+        if native and totals is not None:
+            totals.flush([[cal for _, cal in by_internal[n]] for n in tap.internals], k)
     bar.close()
     tap.end()  # the tapped tensors' buffers are not kept between calibrations
     if hasher.n == 0:
@@ -368,10 +403,10 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
 
 
 def _compute_all(cals: list[Calibrator]) -> dict[int, Any]:
-    """``{id(cal): cal.compute()}``; histogram methods (KL's search is ~10 ms of NumPy per tensor, most of it
-    outside the GIL) in two threads: each calibrator computes alone on its own state, so the results are the
-    same as in a loop."""
-    if len(cals) < 4 or not cals[0].uses_histogram:
+    """``{id(cal): cal.compute()}``; methods with a costly search (``parallel_compute``: KL, outside the GIL) in
+    two threads (elsewhere a pool costs more than it saves): each calibrator computes alone on its own state, so
+    the results are the same as in a loop."""
+    if len(cals) < 4 or not cals[0].parallel_compute:
         return {id(c): c.compute() for c in cals}
     from concurrent.futures import ThreadPoolExecutor
 

@@ -88,6 +88,11 @@ class Calibrator:
     #: operator (``dq_calib_stats``): "range" (nothing) or "clip" (EMA's count of values beyond the running
     #: threshold, given to ``observe_clipped``)
     observe_mode: ClassVar[str] = "range"
+    #: whether the state after a pass depends only on what the pass adds up to (min, max, count, histogram),
+    #: not on the order of the batches: then the collector may feed one pass's totals as a single batch
+    order_independent: ClassVar[bool] = True
+    #: whether ``compute()`` is costly enough (and mostly outside the GIL) to run calibrators in threads
+    parallel_compute: ClassVar[bool] = False
 
     def __init__(self, grid: TensorGrid | None = None):
         self.grid = grid or TensorGrid()

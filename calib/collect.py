@@ -127,6 +127,7 @@ class ActivationTap:
         self.block = self._host_block(self._internal_syms)
         self._stats: dict[tuple[str, int], gluon.SymbolBlock] = {}
         self._sizes: dict[tuple[int, ...], list[int]] = {}
+        self._size_arrays: dict[tuple[int, ...], np.ndarray] = {}
         #: the tapped tensors as outputs, written into kept buffers (False: no graph, every tensor is the input)
         self._raw: mx.nd.CachedOp | bool | None = None
         self._raw_args: list | None = None  # its parameter arrays, read once per calibration (begin())
@@ -226,6 +227,21 @@ class ActivationTap:
                 return ref
         return self._graph_stats(x, mode, num_bins, aux)
 
+    def accumulate(self, x: mx.nd.NDArray, mode: str, num_bins: int, totals) -> None:
+        """Add the statistics of batch ``x`` to ``totals`` (a ``deployq.calib.totals.PassTotals`` in ``mode``):
+        once the in-place reader has been checked for this mode and shape (:meth:`batch_stats`), directly into
+        the totals (``dq_raw_totals``, no per-batch vector), else through :meth:`batch_stats`."""
+        from ..native import rawstats
+
+        if self.raw_ok is not False and (mode, int(num_bins), tuple(x.shape)) in self._raw_checked:
+            arrays = self._raw_arrays(x)
+            aux = totals.aux()
+            if rawstats.raw_totals(arrays, mode, num_bins, aux, totals.buffer) == 0:
+                totals.count += self.size_array(tuple(x.shape))
+                return
+            self.raw_ok = False  # refused (the totals are unchanged): the in-graph operator from now on
+        totals.add(self.batch_stats(x, mode, num_bins, totals.aux()), self.size_array(tuple(x.shape)))
+
     def _graph_stats(self, x, mode, num_bins, aux):
         blk = self.stats_block(mode, num_bins)
         out = blk(x) if aux is None else blk(x, mx.nd.array(aux, dtype=np.float64))
@@ -237,6 +253,18 @@ class ActivationTap:
         if rawstats.load() is None or not calibops.available():  # (the operator checks the reader)
             self.raw_ok = False
             return None
+        arrays = self._raw_arrays(x)
+        n = len(arrays) * self.STATS_LAYOUT[mode][0](num_bins)
+        out = self._raw_result.get(n)  # reused: valid until the next batch (the caller consumes it before)
+        if out is None:
+            out = self._raw_result[n] = np.empty(n, dtype=np.float64)
+        aux = None if aux is None else np.ascontiguousarray(aux, dtype=np.float64)
+        if rawstats.raw_stats(arrays, mode, num_bins, aux, out) != 0:
+            return None
+        return out
+
+    def _raw_arrays(self, x: mx.nd.NDArray) -> list[mx.nd.NDArray]:
+        """The tapped tensors of ``x``, computed (in the kept output buffers of its shape)."""
         if self._raw is None:
             outs = [s for i, s in zip(self.internals, self._internal_syms, strict=True) if i not in self._inputs]
             grp = mx.sym.Group(outs) if outs else None  # None: every tapped tensor is the graph input
@@ -259,14 +287,15 @@ class ActivationTap:
         res = iter(bufs)
         arrays = [x if i in self._inputs else next(res) for i in self.internals]
         mx.nd.waitall()  # one call instead of one per tapped tensor (the reader needs them all computed)
-        n = len(arrays) * self.STATS_LAYOUT[mode][0](num_bins)
-        out = self._raw_result.get(n)  # reused: valid until the next batch (the caller consumes it before)
-        if out is None:
-            out = self._raw_result[n] = np.empty(n, dtype=np.float64)
-        aux = None if aux is None else np.ascontiguousarray(aux, dtype=np.float64)
-        if rawstats.raw_stats(arrays, mode, num_bins, aux, out) != 0:
-            return None
-        return out
+        return arrays
+
+    def size_array(self, shape: tuple[int, ...]) -> np.ndarray:
+        """:meth:`sizes` as an int64 array (kept per shape; read-only)."""
+        a = self._size_arrays.get(shape)
+        if a is None:
+            a = self._size_arrays[shape] = np.array(self.sizes(shape), dtype=np.int64)
+            a.flags.writeable = False
+        return a
 
     def sizes(self, shape: tuple[int, ...]) -> list[int]:
         """Number of values of every tapped tensor for an input of ``shape``."""

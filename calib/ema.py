@@ -22,6 +22,7 @@ from .base import Calibrator, RangeResult, register
 class EMACalibrator(Calibrator):
     name = "ema"
     observe_mode = "clip"
+    order_independent = False  # a moving average of the per-batch ranges
 
     def __init__(self, grid: TensorGrid | None = None, momentum: float = 0.9, passes: int = 1):
         super().__init__(grid)

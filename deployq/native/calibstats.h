@@ -247,4 +247,38 @@ inline void stats_of(Mode m, const float* x, int64_t n, const double* aux, int64
 }
 
 
+// one batch's statistics `s` (stats_of's layout) added to running totals `t` in the same layout: min / max
+// (a NaN stays), histogram counts and zeros summed. pow2: when the batch's R exceeds the totals' R (> 0), the
+// counts so far are merged first (bin i -> i / factor, calib/base.py's merge_pow2), then R = the batch's.
+inline void add_stats(Mode m, const double* s, int64_t bins, double* t) {
+  if (m == kHist) {
+    for (int64_t q = 0; q <= bins; ++q) t[q] += s[q];
+    return;
+  }
+  t[0] = (std::isnan(s[0]) || s[0] < t[0]) ? s[0] : t[0];
+  t[1] = (std::isnan(s[1]) || s[1] > t[1]) ? s[1] : t[1];
+  if (m != kPow2) return;
+  double* c = t + 3;
+  const double cur = t[2], r = s[2];
+  if (r > cur && cur > 0.0) {
+    const double factor = r / cur;  // a power of two
+    if (factor >= static_cast<double>(bins)) {
+      double all = 0.0;
+      for (int64_t q = 0; q < bins; ++q) all += c[q];
+      std::fill(c, c + bins, 0.0);
+      c[0] = all;
+    } else {
+      const int64_t f = static_cast<int64_t>(factor), kept = bins / f;
+      for (int64_t j = 0; j < kept; ++j) {  // in place: c[j] is written after c[j * f ..] (>= j) is read
+        double sum = 0.0;
+        for (int64_t i = j * f; i < (j + 1) * f; ++i) sum += c[i];
+        c[j] = sum;
+      }
+      std::fill(c + kept, c + bins, 0.0);
+    }
+  }
+  t[2] = std::max(cur, r);
+  for (int64_t q = 0; q <= bins; ++q) c[q] += s[3 + q];  // counts and zeros
+}
+
 }  // namespace deployq_calib

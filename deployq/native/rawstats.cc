@@ -91,18 +91,48 @@ const float* dense_elements(const mxnet::NDArray* a, int64_t* n) {
 
 }  // namespace
 
-extern "C" int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out) {
-  const Mode m = static_cast<Mode>(mode);
+// dq_raw_stats's checks of the arguments and of every array (nothing is computed unless all can be read)
+static int dense_all(void** handles, int k, Mode m, int64_t num_bins, std::vector<const float*>* x,
+                     std::vector<int64_t>* n) {
   if (k < 1 || (m != kRange && m != kClip && m != kHist && m != kPow2) ||
       ((m == kHist || m == kPow2) && (num_bins < 2 || num_bins > (1 << 24))))
     return -1;
-  std::vector<const float*> x(k);
-  std::vector<int64_t> n(k);
+  x->resize(k);
+  n->resize(k);
   for (int i = 0; i < k; ++i) {
-    x[i] = dense_elements(static_cast<const mxnet::NDArray*>(handles[i]), &n[i]);
-    if (x[i] == nullptr) return 1 + i;
+    (*x)[i] = dense_elements(static_cast<const mxnet::NDArray*>(handles[i]), &(*n)[i]);
+    if ((*x)[i] == nullptr) return 1 + i;
   }
+  return 0;
+}
+
+extern "C" int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out) {
+  const Mode m = static_cast<Mode>(mode);
+  std::vector<const float*> x;
+  std::vector<int64_t> n;
+  if (const int rc = dense_all(handles, k, m, num_bins, &x, &n)) return rc;
   const int64_t len = out_len(m, num_bins), row = aux_row(m);
   for (int i = 0; i < k; ++i) stats_of(m, x[i], n[i], has_aux(m) ? aux + i * row : nullptr, num_bins, out + i * len);
+  return 0;
+}
+
+// dq_raw_stats of one batch added to running totals (add_stats) in place, modes range, hist, pow2: `totals` has
+// dq_raw_stats's layout; `aux`: hist's absmax per tensor (range, pow2: unused; pow2's R is read from the totals).
+// Returns dq_raw_stats's codes; on a non-zero code the totals are unchanged.
+extern "C" int dq_raw_totals(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* totals) {
+  const Mode m = static_cast<Mode>(mode);
+  if (m == kClip) return -1;
+  std::vector<const float*> x;
+  std::vector<int64_t> n;
+  if (const int rc = dense_all(handles, k, m, num_bins, &x, &n)) return rc;
+  const int64_t len = out_len(m, num_bins);
+  thread_local std::vector<double> batch;
+  batch.resize(static_cast<size_t>(len));
+  for (int i = 0; i < k; ++i) {
+    double* t = totals + i * len;
+    const double* a = m == kHist ? aux + i : (m == kPow2 ? t + 2 : nullptr);
+    stats_of(m, x[i], n[i], a, num_bins, batch.data());
+    add_stats(m, batch.data(), num_bins, t);
+  }
   return 0;
 }

@@ -47,6 +47,8 @@ def load() -> ctypes.CDLL | None:
     lib.dq_raw_stats.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_void_p]
     lib.dq_raw_stats.restype = ctypes.c_int
+    lib.dq_raw_totals.argtypes = lib.dq_raw_stats.argtypes
+    lib.dq_raw_totals.restype = ctypes.c_int
     return lib
 
 
@@ -59,3 +61,16 @@ def raw_stats(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, ou
     handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
     aux_p = None if aux is None else aux.ctypes.data
     return int(lib.dq_raw_stats(handles, len(arrays), MODES[mode], int(num_bins), aux_p, out.ctypes.data))
+
+
+def raw_totals(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, totals: np.ndarray) -> int:
+    """One batch's :func:`raw_stats` added to running ``totals`` (float64, the same layout) in place: min / max
+    (NaN kept), histogram counts summed; pow2 merges the counts so far when R grows (``deployq.calib.totals``).
+    Modes range, hist (``aux``: absmax per tensor), pow2. Returns :func:`raw_stats`'s codes; on a non-zero code
+    ``totals`` is unchanged."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("deployq.native.rawstats is not available")
+    handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
+    aux_p = None if aux is None else aux.ctypes.data
+    return int(lib.dq_raw_totals(handles, len(arrays), MODES[mode], int(num_bins), aux_p, totals.ctypes.data))

@@ -215,3 +215,42 @@ def test_threshold_at_max_clips_nothing():
     cal.update_range(0.0, 3.0, x.size)
     cal.update_pow2_histogram(*abs_histogram(x, 4.0, 16), 4.0)
     assert cal.clipped_share(3.0) == 0.0 and cal.clipped_share(2.0) > 0.3
+
+
+@needs_raw
+@pytest.mark.parametrize("mode", ["range", "hist", "pow2"])
+def test_raw_totals_equal_the_per_batch_vectors_added_up(mode):
+    from deployq.calib.totals import PassTotals
+
+    net = _net()
+    net(_x())
+    tap = ActivationTap(net)
+    k = len(tap.internals)
+    absmax = np.random.default_rng(2).uniform(1.0, 6.0, k) if mode == "hist" else None
+    native, numpy_ = PassTotals(k, mode, 256, absmax), PassTotals(k, mode, 256, absmax)
+    for i, scale in enumerate((0.5, 3.0, 1.0, 40.0)):  # pow2: R grows twice, by 8x and by 16x or more
+        batch = _x(6, i) * scale
+        arrays = tap._raw_arrays(batch)
+        assert rawstats.raw_totals(arrays, mode, 256, native.aux(), native.buffer) == 0
+        native.count += tap.size_array(tuple(batch.shape))
+        numpy_.add(tap._raw_stats(batch, mode, 256, numpy_.aux()).copy(), tap.size_array(tuple(batch.shape)))
+    np.testing.assert_array_equal(native.buffer, numpy_.buffer)
+    if mode == "pow2":
+        assert (native.hist_range >= 16).all()
+    # a refused array leaves the totals as they were
+    before = native.buffer.copy()
+    bad = mx.nd.array(np.ones((2, 2)), dtype=np.float64)
+    assert rawstats.raw_totals([*tap._raw_arrays(_x(6, 9)), bad], mode, 256,
+                               None if absmax is None else np.append(absmax, 1.0), native.buffer) == k + 1
+    np.testing.assert_array_equal(native.buffer, before)
+
+
+def test_pass_totals_keep_a_nan():
+    from deployq.calib.totals import PassTotals
+
+    t = PassTotals(2, "range", 0)
+    t.add(np.array([-1.0, 2.0, 0.0, 1.0]), np.array([4, 4]))
+    t.add(np.array([np.nan, np.nan, -0.5, 0.5]), np.array([4, 4]))
+    t.add(np.array([-3.0, 3.0, -0.5, 0.5]), np.array([4, 4]))
+    assert t.bad_tensor() == 0 and t.count.tolist() == [12, 12]
+    assert t.lo[1] == -0.5 and t.hi[1] == 1.0
