@@ -316,11 +316,16 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
             totals = PassTotals(len(tap.internals), mode, c0.num_bins, aux) if c0.order_independent else None
         for b in src:
             x = to_input(b)
+            hash_batch = None
             if (kind, k) == passes[0]:
-                hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
+                hash_batch = lambda b=b: hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
+            if native and totals is not None:
+                tap.accumulate(x, mode, c0.num_bins, totals, meanwhile=hash_batch)
+                hash_batch = None
+            elif hash_batch is not None:
+                hash_batch()
             if native:
                 if totals is not None:
-                    tap.accumulate(x, mode, c0.num_bins, totals)
                     bad = totals.bad_tensor()
                     if bad is not None:
                         lo_hi = (totals.lo[bad], totals.hi[bad])

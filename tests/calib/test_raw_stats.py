@@ -254,3 +254,28 @@ def test_pass_totals_keep_a_nan():
     t.add(np.array([-3.0, 3.0, -0.5, 0.5]), np.array([4, 4]))
     assert t.bad_tensor() == 0 and t.count.tolist() == [12, 12]
     assert t.lo[1] == -0.5 and t.hi[1] == 1.0
+
+
+@needs_raw
+@pytest.mark.parametrize("method", ["minmax", "percentile", "kl", "ema"])
+def test_data_hash_is_the_same_on_every_path(monkeypatch, method):
+    """The hash is computed while the engine runs a batch on the in-place path; it must equal the hash taken in
+    order on the other paths, and SHA-256 over the float32 bytes of the batches, then the total shape."""
+    import hashlib
+
+    from deployq.calib import api
+
+    net = _net()
+    data = np.random.default_rng(5).normal(size=(40, 3, 12, 12)).astype(np.float32)
+    h = hashlib.sha256(data.tobytes())
+    h.update(str((40, 3, 12, 12)).encode())
+    want = "sha256:" + h.hexdigest()[:16]
+    raw = calibrate(net, data, method=method, quiet=True, batch_size=16)
+    monkeypatch.setattr(ActivationTap, "_raw_stats", lambda self, *a: None)  # refused: the in-graph operator
+    api._TAP_CACHE.clear()
+    graph = calibrate(net, data, method=method, quiet=True, batch_size=16)
+    monkeypatch.setattr(api, "NATIVE", False)  # NumPy
+    host = calibrate(net, data, method=method, quiet=True, batch_size=16)
+    for sf in (raw, graph, host):
+        assert {r.data_hash for r in sf.tensors.values()} == {want}
+    assert raw.to_dict()["tensors"] == graph.to_dict()["tensors"]
