@@ -238,17 +238,20 @@ class ActivationTap:
         try:
             self._accumulate(x, mode, num_bins, totals)
         finally:
-            if self._meanwhile is not None:
-                self._meanwhile, fn = None, self._meanwhile
-                fn()
+            self._run_meanwhile()
 
     def _accumulate(self, x, mode, num_bins, totals) -> None:
         from ..native import rawstats
 
         if self.raw_ok is not False and (mode, int(num_bins), tuple(x.shape)) in self._raw_checked:
-            arrays = self._raw_arrays(x)
+            arrays = self._raw_arrays(x, wait=False)
             aux = totals.aux()
-            if rawstats.raw_totals(arrays, mode, num_bins, aux, totals.buffer) == 0:
+            rc = np.zeros(1, dtype=np.int32)
+            # on the engine, after the forward (its OpenMP threads; a thread of ours beside them measured slower)
+            rawstats.push_totals(arrays, mode, num_bins, aux, totals.buffer, rc)
+            self._run_meanwhile()
+            mx.nd.waitall()
+            if rc[0] == 0:
                 totals.count += self.size_array(tuple(x.shape))
                 return
             self.raw_ok = False  # refused (the totals are unchanged): the in-graph operator from now on
@@ -275,8 +278,13 @@ class ActivationTap:
             return None
         return out
 
-    def _raw_arrays(self, x: mx.nd.NDArray) -> list[mx.nd.NDArray]:
-        """The tapped tensors of ``x``, computed (in the kept output buffers of its shape)."""
+    def _run_meanwhile(self) -> None:
+        if self._meanwhile is not None:  # host work while the engine computes (the caller's, e.g. the data hash)
+            self._meanwhile, fn = None, self._meanwhile
+            fn()
+
+    def _raw_arrays(self, x: mx.nd.NDArray, wait: bool = True) -> list[mx.nd.NDArray]:
+        """The tapped tensors of ``x`` (in the kept output buffers of its shape), computed (``wait``) or launched."""
         if self._raw is None:
             outs = [s for i, s in zip(self.internals, self._internal_syms, strict=True) if i not in self._inputs]
             grp = mx.sym.Group(outs) if outs else None  # None: every tapped tensor is the graph input
@@ -298,10 +306,9 @@ class ActivationTap:
             self._raw(*args, out=bufs)
         res = iter(bufs)
         arrays = [x if i in self._inputs else next(res) for i in self.internals]
-        if self._meanwhile is not None:  # host work while the engine computes (the caller's, e.g. the data hash)
-            self._meanwhile, fn = None, self._meanwhile
-            fn()
-        mx.nd.waitall()  # one call instead of one per tapped tensor (the reader needs them all computed)
+        if wait:
+            self._run_meanwhile()
+            mx.nd.waitall()  # one call instead of one per tapped tensor (the reader needs them all computed)
         return arrays
 
     def size_array(self, shape: tuple[int, ...]) -> np.ndarray:

@@ -19,7 +19,8 @@
 //   int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* out)
 // mode 0/1/2/3 = range/clip/hist/pow2 as dq_calib_stats, aux/out laid out as there. Returns 0, or 1 + i when tensor i
 // cannot be read in place (nothing is meaningful in `out` then). The caller has waited for the arrays. One thread:
-// right after a forward the engine's OpenMP threads still spin, and a second thread here measured slower.
+// right after a forward the engine's OpenMP threads still spin, and a second thread here measured slower; the
+// totals of later batches (dq_push_totals) run as an engine operation instead, on the engine's OpenMP team.
 #include <dmlc/base.h>
 #include <dmlc/logging.h>
 #include <dmlc/io.h>
@@ -116,23 +117,75 @@ extern "C" int dq_raw_stats(void** handles, int k, int mode, int64_t num_bins, c
   return 0;
 }
 
-// dq_raw_stats of one batch added to running totals (add_stats) in place, modes range, hist, pow2: `totals` has
-// dq_raw_stats's layout; `aux`: hist's absmax per tensor (range, pow2: unused; pow2's R is read from the totals).
-// Returns dq_raw_stats's codes; on a non-zero code the totals are unchanged.
-extern "C" int dq_raw_totals(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* totals) {
+// dq_raw_stats of one batch added to running totals (add_stats), tensor by tensor on `threads` OpenMP threads
+// (each tensor's row is written by one thread: the same totals whatever the count).
+static int raw_totals(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* totals,
+                      int threads) {
   const Mode m = static_cast<Mode>(mode);
   if (m == kClip) return -1;
   std::vector<const float*> x;
   std::vector<int64_t> n;
   if (const int rc = dense_all(handles, k, m, num_bins, &x, &n)) return rc;
   const int64_t len = out_len(m, num_bins);
-  thread_local std::vector<double> batch;
-  batch.resize(static_cast<size_t>(len));
-  for (int i = 0; i < k; ++i) {
+  std::vector<int> order(k);  // largest tensors first: the dynamic schedule balances the rest
+  for (int i = 0; i < k; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return n[a] > n[b]; });
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int j = 0; j < k; ++j) {
+    const int i = order[j];
+    thread_local std::vector<double> batch;
+    batch.resize(static_cast<size_t>(len));
     double* t = totals + i * len;
     const double* a = m == kHist ? aux + i : (m == kPow2 ? t + 2 : nullptr);
     stats_of(m, x[i], n[i], a, num_bins, batch.data());
     add_stats(m, batch.data(), num_bins, t);
   }
   return 0;
+}
+
+// dq_raw_stats of one batch added to running totals in place, modes range, hist, pow2, in the calling thread:
+// `totals` has dq_raw_stats's layout; `aux`: hist's absmax per tensor (range, pow2: unused; pow2's R is read from
+// the totals). Returns dq_raw_stats's codes; on a non-zero code the totals are unchanged.
+extern "C" int dq_raw_totals(void** handles, int k, int mode, int64_t num_bins, const double* aux, double* totals) {
+  return raw_totals(handles, k, mode, num_bins, aux, totals, 1);
+}
+
+namespace {
+
+// MXEnginePushSyncND's signature (include/mxnet/c_api.h); the pointer comes from the loaded libmxnet via ctypes
+using PushSyncND = int (*)(void (*)(void*, void*), void*, void (*)(void*), const void*, void**, int, void**, int,
+                           const void*, int, const char*);
+
+struct PushedTotals {
+  std::vector<void*> handles;
+  int mode;
+  int64_t num_bins;
+  const double* aux;
+  double* totals;
+  int threads;
+  int* rc;
+};
+
+void run_pushed(void* /*run_context*/, void* param) {
+  auto* p = static_cast<PushedTotals*>(param);
+  *p->rc = raw_totals(p->handles.data(), static_cast<int>(p->handles.size()), p->mode, p->num_bins, p->aux,
+                      p->totals, p->threads);
+}
+
+void delete_pushed(void* param) { delete static_cast<PushedTotals*>(param); }
+
+}  // namespace
+
+// dq_raw_totals as an operation of MXNet's engine (MXEnginePushSyncND, `push` = its address): it runs on the
+// engine's CPU worker once every array is computed, on `threads` OpenMP threads of that worker's team (the
+// engine's own OpenMP threads, which would otherwise spin beside a thread of the caller's). `aux`, `totals` and
+// `rc` must live until the caller has waited (mx.nd.waitall); *rc receives dq_raw_totals's code. Returns the
+// push's code (0: pushed).
+extern "C" int dq_push_totals(void* push, void** handles, int k, int mode, int64_t num_bins, const double* aux,
+                              double* totals, int threads, int* rc) {
+  if (push == nullptr || k < 1) return -1;
+  auto* p = new PushedTotals{std::vector<void*>(handles, handles + k), mode, num_bins, aux, totals, threads, rc};
+  static const mxnet::Context cpu = mxnet::Context::CPU();
+  return reinterpret_cast<PushSyncND>(push)(run_pushed, p, delete_pushed, &cpu, p->handles.data(), k, nullptr, 0,
+                                            nullptr, 0, "dq_raw_totals");
 }

@@ -37,7 +37,7 @@ def load() -> ctypes.CDLL | None:
     if not mx.__version__.startswith("1.9.") or not mx.runtime.Features().is_enabled("MKLDNN"):
         return None  # the mirrored MKLDNNMemory layout is MXNet 1.9's; nothing to read in place without oneDNN
     mxdir = Path(mx.__file__).parent
-    flags = (*_FLAGS, *avx512_flags(), f"-I{mxdir / 'include' / 'mkldnn'}")
+    flags = (*_FLAGS, "-fopenmp", *avx512_flags(), f"-I{mxdir / 'include' / 'mkldnn'}")
     try:
         lib = ctypes.CDLL(str(built_library(SOURCE, "libdeployq_rawstats", flags, lib_api=False)))
     except (RuntimeError, OSError) as e:
@@ -49,6 +49,9 @@ def load() -> ctypes.CDLL | None:
     lib.dq_raw_stats.restype = ctypes.c_int
     lib.dq_raw_totals.argtypes = lib.dq_raw_stats.argtypes
     lib.dq_raw_totals.restype = ctypes.c_int
+    lib.dq_push_totals.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.dq_push_totals.restype = ctypes.c_int
     return lib
 
 
@@ -74,3 +77,25 @@ def raw_totals(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, t
     handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
     aux_p = None if aux is None else aux.ctypes.data
     return int(lib.dq_raw_totals(handles, len(arrays), MODES[mode], int(num_bins), aux_p, totals.ctypes.data))
+
+
+#: OpenMP threads of a pushed totals operation (the engine's team: OMP_NUM_THREADS, at most the cores)
+PUSH_THREADS = max(1, min(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1), os.cpu_count() or 1))
+
+
+def push_totals(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, totals: np.ndarray,
+                rc: np.ndarray) -> None:
+    """:func:`raw_totals` pushed to MXNet's engine: it runs once ``arrays`` are computed, on the engine's CPU
+    worker and its OpenMP threads. ``aux``, ``totals`` and ``rc`` (int32, one element: the code) must not be
+    touched or freed before ``mx.nd.waitall()``. Raises if the engine refuses the operation."""
+    import mxnet as mx
+
+    lib = load()
+    if lib is None:
+        raise RuntimeError("deployq.native.rawstats is not available")
+    push = ctypes.cast(mx.base._LIB.MXEnginePushSyncND, ctypes.c_void_p)
+    handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
+    aux_p = None if aux is None else aux.ctypes.data
+    if lib.dq_push_totals(push, handles, len(arrays), MODES[mode], int(num_bins), aux_p, totals.ctypes.data,
+                          PUSH_THREADS, rc.ctypes.data) != 0:
+        mx.base.check_call(-1)

@@ -279,3 +279,33 @@ def test_data_hash_is_the_same_on_every_path(monkeypatch, method):
     for sf in (raw, graph, host):
         assert {r.data_hash for r in sf.tensors.values()} == {want}
     assert raw.to_dict()["tensors"] == graph.to_dict()["tensors"]
+
+
+@needs_raw
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["range", "pow2"])
+def test_totals_pushed_to_the_engine_equal_the_callers(monkeypatch, threads, mode):
+    """dq_push_totals (an engine operation after the forward, on the engine's OpenMP threads) adds what
+    dq_raw_totals adds in the calling thread; a refused array is reported through rc, the totals unchanged."""
+    from deployq.calib.totals import PassTotals
+
+    monkeypatch.setattr(rawstats, "PUSH_THREADS", threads)
+    net = _net()
+    net(_x())
+    tap = ActivationTap(net)
+    k = len(tap.internals)
+    pushed, called = PassTotals(k, mode, 256), PassTotals(k, mode, 256)
+    rc = np.full(1, -7, dtype=np.int32)
+    for i, scale in enumerate((0.5, 3.0, 40.0)):
+        batch = _x(6, i) * scale
+        rawstats.push_totals(tap._raw_arrays(batch, wait=False), mode, 256, pushed.aux(), pushed.buffer, rc)
+        mx.nd.waitall()
+        assert rc[0] == 0
+        assert rawstats.raw_totals(tap._raw_arrays(batch), mode, 256, called.aux(), called.buffer) == 0
+    np.testing.assert_array_equal(pushed.buffer, called.buffer)
+    before = pushed.buffer.copy()
+    bad = mx.nd.array(np.ones((2, 2)), dtype=np.float64)
+    rawstats.push_totals([*tap._raw_arrays(_x(6, 9), wait=False), bad], mode, 256, pushed.aux(), pushed.buffer, rc)
+    mx.nd.waitall()
+    assert rc[0] == k + 1
+    np.testing.assert_array_equal(pushed.buffer, before)
