@@ -249,8 +249,10 @@ class ActivationTap:
             rc = np.zeros(1, dtype=np.int32)
             # on the engine, after the forward (its OpenMP threads; a thread of ours beside them measured slower)
             rawstats.push_totals(arrays, mode, num_bins, aux, totals.buffer, rc)
-            self._run_meanwhile()
-            mx.nd.waitall()
+            try:
+                self._run_meanwhile()
+            finally:
+                mx.nd.waitall()  # (also on an error: the operation writes into totals and rc)
             if rc[0] == 0:
                 totals.count += self.size_array(tuple(x.shape))
                 return

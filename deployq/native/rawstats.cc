@@ -157,7 +157,8 @@ using PushSyncND = int (*)(void (*)(void*, void*), void*, void (*)(void*), const
                            const void*, int, const char*);
 
 struct PushedTotals {
-  std::vector<void*> handles;
+  std::vector<mxnet::NDArray> arrays;  // copies (shared chunks): valid even if the caller frees its handles
+  std::vector<void*> handles;          // their addresses
   int mode;
   int64_t num_bins;
   const double* aux;
@@ -184,7 +185,10 @@ void delete_pushed(void* param) { delete static_cast<PushedTotals*>(param); }
 extern "C" int dq_push_totals(void* push, void** handles, int k, int mode, int64_t num_bins, const double* aux,
                               double* totals, int threads, int* rc) {
   if (push == nullptr || k < 1) return -1;
-  auto* p = new PushedTotals{std::vector<void*>(handles, handles + k), mode, num_bins, aux, totals, threads, rc};
+  auto* p = new PushedTotals{{}, {}, mode, num_bins, aux, totals, threads, rc};
+  p->arrays.reserve(k);
+  for (int i = 0; i < k; ++i) p->arrays.push_back(*static_cast<const mxnet::NDArray*>(handles[i]));
+  for (auto& a : p->arrays) p->handles.push_back(&a);
   static const mxnet::Context cpu = mxnet::Context::CPU();
   return reinterpret_cast<PushSyncND>(push)(run_pushed, p, delete_pushed, &cpu, p->handles.data(), k, nullptr, 0,
                                             nullptr, 0, "dq_raw_totals");
