@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .api import CalibrationWarning
 from .base import CALIBRATORS
 
 #: method -> the method options it takes (CLI dest names)
@@ -70,6 +71,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     w.add_argument("--warn-threshold-ratio", type=float, default=None,
                    help="warn when a signed tensor's threshold is below this fraction of its observed max |x| "
                         "(0.5)")
+    p.add_argument("--plain-graph", action="store_true",
+                   help="read the activations from the plain fp32 graph instead of oneDNN's fused one (Conv+BN+ReLU "
+                        "as one op, BN folded: faster; the same tensors up to float rounding)")
     p.add_argument("--out", default="scales.json", help="scale file to write (default scales.json)")
     p.add_argument("--report", action="store_true", help="print the per-layer table (threshold, max, clipped)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary (warnings still print)")
@@ -199,9 +203,10 @@ def run(args: argparse.Namespace) -> int:
         net, name, profile, shape = load_net(args)
         x = load_images(args, shape)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the guard-rail lines are printed below, not as Python warnings
+            # the guard-rail lines are printed below, not as Python warnings (others, e.g. a fallback, still show)
+            warnings.simplefilter("ignore", CalibrationWarning)
             sf = calibrate(net, x, method=args.method, profile=profile, quiet=args.quiet,
-                           batch_size=args.batch_size, model_name=name,
+                           batch_size=args.batch_size, model_name=name, fuse=not args.plain_graph,
                            warn_clip_share=WARN_CLIP_SHARE if args.warn_clip_share is None else args.warn_clip_share,
                            warn_threshold_ratio=(WARN_THRESHOLD_RATIO if args.warn_threshold_ratio is None
                                                  else args.warn_threshold_ratio), **kw)

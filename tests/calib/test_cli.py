@@ -84,6 +84,12 @@ def test_method_options_reach_the_calibrator(tmp_path, fp32_relu0):
     assert "--one-pass" in load(k1).producer
     one = load(k1).tensors
     assert all(one[k].threshold <= one[k].observed_absmax for k in one)
+    mm, plain = tmp_path / "mm.json", tmp_path / "plain.json"
+    for out, extra in ((mm, []), (plain, ["--plain-graph"])):
+        assert main(["calibrate", "resnet20", "--method", "minmax", "--num-sample", "3", "--out", str(out),
+                     "--quiet", *extra]) == 0
+    fused_t, plain_t = load(mm).tensors, load(plain).tensors  # BN folded or not: float rounding only
+    assert all(fused_t[k].threshold == pytest.approx(plain_t[k].threshold, rel=1e-5) for k in plain_t)
     e = tmp_path / "e.json"
     assert main(["calibrate", "resnet20", "--method", "ema", "--momentum", "0.5", "--passes", "2",
                  "--batch-size", "8", "--num-sample", "3", "--out", str(e), "--quiet"]) == 0
