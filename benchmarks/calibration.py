@@ -8,15 +8,17 @@ time ratio is printed beside the wall ratio.
 
 How calibrate() reads the activations: one graph over the fp32 net whose outputs are the tapped tensors,
 partitioned by oneDNN's subgraph backend (Conv + BN + ReLU (+ add) as one operator, BN folded; "x fused" is the
-ratio over the fp32 pass of the same fused net, printed beside the issue's plain reference), reduced
-where oneDNN left them (``dq_raw_stats``, deployq/native/rawstats.cc: no reorder to NCHW; checked once per mode
-and shape against the in-graph operator). minmax and ema read the data once; percentile and mse once (range and a
-power-of-two-range histogram in the same pass); kl twice (pass 1: the global max |x| of every tensor, pass 2: the
-2048-bin histogram over [0, max]: ncnn2table's algorithm needs the whole set's range first), so its floor is two
-passes plus the KL search (~5-10 ms of NumPy per tensor, two threads); kl-1pass (``one_pass=True``, opt-in, not
+ratio over the fp32 pass of the same fused net, printed beside the issue's plain reference), reduced where oneDNN
+left them (deployq/native/rawstats.cc: no reorder to NCHW; checked once per mode and shape against the in-graph
+operator), the batch added to the pass totals by an engine operation on MXNet's OpenMP threads while the calling
+thread hashes the batch. minmax and ema read the data once; percentile and mse once (range and a power-of-two-range
+histogram in the same pass); kl twice (pass 1: the global max |x| of every tensor, pass 2: the 2048-bin histogram
+over [0, max]: ncnn2table's algorithm needs the whole set's range first), so its floor is two passes of the tap
+graph plus the KL search (native, ~1 ms per tensor, two threads); kl-1pass (``one_pass=True``, opt-in, not
 ncnn2table's histogram) runs the same search on the one-pass histogram and reads the data once. What remains per
-pass beyond the fp32 pass: the tap graph keeps every tapped tensor (no memory reuse), the SHA-256 of the images
-(~7 ms per 1000), the histogram kernel (~0.3 ns per value) and a few Python calls per batch.
+pass beyond the fused fp32 pass: the tap graph keeps every tapped tensor (no memory reuse), the SHA-256 of the
+images (~7 ms per 1000 MNIST images of 3x32x32), the histogram kernel (~0.4 ns per value) and a few Python calls
+per batch.
 
 Accuracy: MNIST-5k test top-1 (1000 images), ncnn profile, per-channel weights, PTQ only (``algorithm='observer'``:
 calibrated ranges, no training) per method, beside MXNet contrib (naive, entropy; channel-wise) and onnxruntime
