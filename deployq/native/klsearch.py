@@ -1,9 +1,10 @@
-"""ncnn2table's KL threshold search in C++ (``klsearch.cc``: ``dq_kl_divergences``), ~10x faster than
+"""ncnn2table's KL threshold search in C++ (``klsearch.cc``: ``dq_kl_divergences``), ~20x faster than
 :func:`deployq.calib.kl.kl_divergences_numpy`, whose formula it computes (values equal to ~1e-14 absolute).
 
 A plain C library (ctypes, no MXNet headers) built with the system compiler on first use and cached like the other
-native libraries (per source and CPU flags: AVX-512 or AVX2 paths, else scalar). Without a compiler, or with
-``DEPLOYQ_NATIVE=0``, :func:`kl_divergences` returns None and deployq.calib uses the NumPy code.
+native libraries (per source and CPU flags: AVX-512 or AVX2 paths where the CPU also has FMA, else scalar; the
+logarithm's FMAs are the same operations on every path). Without a compiler, or with ``DEPLOYQ_NATIVE=0``,
+:func:`kl_divergences` returns None and deployq.calib uses the NumPy code.
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import avx512_flags, built_library
+from . import _cpu_flags, avx512_flags, built_library
 
 SOURCE = Path(__file__).with_name("klsearch.cc")
 _ENTRIES = ("dq_kl_divergences", "dq_kl_divergences_scalar")
+_LOG_ENTRIES = ("dq_log_array", "dq_log_array_scalar")
+
+
+def _flags() -> tuple[str, ...]:
+    """AVX-512 (with DQ where present: one instruction less per logarithm) and FMA where this CPU has them."""
+    cpu = set(_cpu_flags())
+    flags = avx512_flags()
+    if flags and "avx512dq" in cpu:
+        flags += ("-mavx512dq",)
+    return flags + (("-mfma",) if "fma" in cpu else ())
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,7 +40,7 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("DEPLOYQ_NATIVE", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(built_library(SOURCE, "libdeployq_klsearch", avx512_flags(), lib_api=False)))
+        lib = ctypes.CDLL(str(built_library(SOURCE, "libdeployq_klsearch", _flags(), lib_api=False)))
     except (RuntimeError, OSError) as e:
         warnings.warn(f"deployq: native KL search unavailable ({e}); calibration uses NumPy (same thresholds, "
                       "slower)", RuntimeWarning, stacklevel=2)
@@ -38,6 +49,10 @@ def load() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p]
         fn.restype = ctypes.c_int
+    for name in _LOG_ENTRIES:
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        fn.restype = None
     return lib
 
 
@@ -57,3 +72,15 @@ def kl_divergences(hist: np.ndarray, levels: int = 128, eps: float = 1e-4,
     if rc == 1:
         raise ValueError("empty histogram")
     return out if rc == 0 else None
+
+
+def log_array(x: np.ndarray, scalar: bool = False) -> np.ndarray | None:
+    """The kernel's logarithm, elementwise (tests); None when the library is unavailable. ``scalar``: the
+    one-at-a-time path (the SIMD path takes whole vectors, the rest one at a time)."""
+    lib = load()
+    if lib is None:
+        return None
+    a = np.ascontiguousarray(x, dtype=np.float64).ravel()
+    out = np.empty_like(a)
+    (lib.dq_log_array_scalar if scalar else lib.dq_log_array)(a.ctypes.data, len(a), out.ctypes.data)
+    return out.reshape(np.shape(x))
