@@ -272,7 +272,8 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     params = _ensure_initialized(net, first_nd)
     net_ctx = params[0].list_ctx()[0] if params else None
     with ctx:
-        tap = _tap(net, layers, params, fuse)
+        # oneDNN's fused operators run on the CPU only
+        tap = _tap(net, layers, params, fuse and (net_ctx is None or net_ctx.device_type == "cpu"))
         tap.check_fusion(_to_nd(first_nd, net_ctx))
     tap.begin()
     # one calibrator per (tensor, grid): a tensor read by layers on different grids is calibrated per grid
