@@ -306,6 +306,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     first_cal = {name: cs[0][1] for name, cs in by_internal.items()}  # calibrators of a tensor see the same data
     for kind, k in passes:
         src = _chain(first, it) if (kind, k) == passes[0] else iter_batches(data, batch_size, num_batches)
+        totals = None
         if native:
             mode = kind if kind in ("hist", "pow2") else (
                 "clip" if c0.observe_mode == "clip" and k == c0.range_passes - 1 else "range")
@@ -320,19 +321,17 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
             hash_batch = None
             if (kind, k) == passes[0]:
                 hash_batch = lambda b=b: hasher.update(b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b))
-            if native and totals is not None:
+            if totals is not None:  # (native) the hash runs while the engine computes the batch
                 tap.accumulate(x, mode, c0.num_bins, totals, meanwhile=hash_batch)
-                hash_batch = None
-            elif hash_batch is not None:
+                bad = totals.bad_tensor()
+                if bad is not None:
+                    lo_hi = (totals.lo[bad], totals.hi[bad])
+                    _bad_activations("NaN" if np.isnan(lo_hi).any() else "Inf", tap, tap.internals[bad])
+                bar.update(1)
+                continue
+            if hash_batch is not None:
                 hash_batch()
             if native:
-                if totals is not None:
-                    bad = totals.bad_tensor()
-                    if bad is not None:
-                        lo_hi = (totals.lo[bad], totals.hi[bad])
-                        _bad_activations("NaN" if np.isnan(lo_hi).any() else "Inf", tap, tap.internals[bad])
-                    bar.update(1)
-                    continue
                 if mode == "clip":
                     aux = np.array([first_cal[n].state_row() for n in tap.internals], dtype=np.float64).ravel()
                 elif mode == "pow2":
@@ -363,7 +362,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                         cal.update_histogram(counts, zeros)
                 del a
             bar.update(1)
-        if native and totals is not None:
+        if totals is not None:
             totals.flush([[cal for _, cal in by_internal[n]] for n in tap.internals], k)
     bar.close()
     tap.end()  # the tapped tensors' buffers are not kept between calibrations

@@ -55,14 +55,19 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-def raw_stats(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, out: np.ndarray) -> int:
-    """``dq_calib_stats``'s output for ``arrays`` (MXNet NDArrays, already computed: the caller waits) written into
-    ``out`` (float64); returns 0, or 1 + i when array i cannot be read in place (``out`` is then meaningless)."""
+def _call_args(arrays: list, aux: np.ndarray | None):
+    """(the library, the arrays' NDArray handles as a C array, the address of ``aux`` or None)."""
     lib = load()
     if lib is None:
         raise RuntimeError("deployq.native.rawstats is not available")
     handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
-    aux_p = None if aux is None else aux.ctypes.data
+    return lib, handles, None if aux is None else aux.ctypes.data
+
+
+def raw_stats(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, out: np.ndarray) -> int:
+    """``dq_calib_stats``'s output for ``arrays`` (MXNet NDArrays, already computed: the caller waits) written into
+    ``out`` (float64); returns 0, or 1 + i when array i cannot be read in place (``out`` is then meaningless)."""
+    lib, handles, aux_p = _call_args(arrays, aux)
     return int(lib.dq_raw_stats(handles, len(arrays), MODES[mode], int(num_bins), aux_p, out.ctypes.data))
 
 
@@ -71,11 +76,7 @@ def raw_totals(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, t
     (NaN kept), histogram counts summed; pow2 merges the counts so far when R grows (``deployq.calib.totals``).
     Modes range, hist (``aux``: absmax per tensor), pow2. Returns :func:`raw_stats`'s codes; on a non-zero code
     ``totals`` is unchanged."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("deployq.native.rawstats is not available")
-    handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
-    aux_p = None if aux is None else aux.ctypes.data
+    lib, handles, aux_p = _call_args(arrays, aux)
     return int(lib.dq_raw_totals(handles, len(arrays), MODES[mode], int(num_bins), aux_p, totals.ctypes.data))
 
 
@@ -90,12 +91,8 @@ def push_totals(arrays: list, mode: str, num_bins: int, aux: np.ndarray | None, 
     touched or freed before ``mx.nd.waitall()``. Raises if the engine refuses the operation."""
     import mxnet as mx
 
-    lib = load()
-    if lib is None:
-        raise RuntimeError("deployq.native.rawstats is not available")
+    lib, handles, aux_p = _call_args(arrays, aux)
     push = ctypes.cast(mx.base._LIB.MXEnginePushSyncND, ctypes.c_void_p)
-    handles = (ctypes.c_void_p * len(arrays))(*[a.handle.value for a in arrays])
-    aux_p = None if aux is None else aux.ctypes.data
     if lib.dq_push_totals(push, handles, len(arrays), MODES[mode], int(num_bins), aux_p, totals.ctypes.data,
                           PUSH_THREADS, rc.ctypes.data) != 0:
         mx.base.check_call(-1)
