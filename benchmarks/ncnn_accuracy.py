@@ -15,9 +15,9 @@ from pathlib import Path
 
 import mxnet as mx
 import numpy as np
-from deployq.exporters import mxnet_lower
-from deployq.exporters.ncnn import run
-from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
+from deployq.exporters.ir import mxnet_lower
+from deployq.exporters.ncnn.export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
+from deployq.exporters.ncnn.runtime import run
 from mxnet import gluon
 from peers import ort_static
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from deployq.exporters.onnx_export import export_qnet
+from deployq.exporters.onnx.export import export_qnet
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 import deployq

@@ -16,9 +16,9 @@ def ort_static(name, calib, test, tmp: Path, method: str = "MinMax") -> float:
     model, calibrated on ``calib``; top-1 on ``test``."""
     import onnx
     import onnxruntime as ort
-    from deployq.exporters import mxnet_lower
-    from deployq.exporters.frontend import from_gluon
-    from deployq.exporters.passes import optimize
+    from deployq.exporters.ir import mxnet_lower
+    from deployq.exporters.ir.frontend import from_gluon
+    from deployq.exporters.ir.passes import optimize
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

@@ -10,9 +10,9 @@ import sys
 SUBCOMMAND_MODULES = (
     "deployq.commands",
     "deployq.calib.cli",
-    "deployq.exporters.tengine_cli",
-    "deployq.exporters.ncnn_cli",
-    "deployq.exporters.onnx_cli",
+    "deployq.exporters.tengine.cli",
+    "deployq.exporters.ncnn.cli",
+    "deployq.exporters.onnx.cli",
     "deployq.verify_cli",
 )
 

@@ -52,7 +52,7 @@ def qat(qnet: gluon.HybridBlock, epochs: float = 2.0, lr: float = 0.001, batch_s
 def _ncnn_step(qnet: gluon.HybridBlock, out_dir: Path, quiet: bool = False, model: str = "model") -> dict:
     """Export the QAT net for ncnn (Caffe pair + table, direct fp32/int8 .param/.bin) and run the int8 model in
     ncnn's runtime on the MNIST-5k test images; print its top-1 and its agreement with the simulation."""
-    from .exporters.ncnn import export_and_run
+    from deployq.exporters.ncnn.runtime import export_and_run
 
     test = load_mnist5k("test")
     res = export_and_run(qnet, out_dir / "ncnn", test.x, test.y, name=model)

@@ -74,7 +74,7 @@ def run_layers(net: gluon.HybridBlock, x: np.ndarray, layers: Iterable[str] | No
 
 def _output_points(net: gluon.HybridBlock, g) -> dict[str, tuple[object, str]]:
     """Every quantized output: name -> (the layer or block output quantizer, its tensor in the IR ``g``)."""
-    from deployq.exporters.qattach import output_tensor
+    from deployq.exporters.ir.qattach import output_tensor
 
     from .api import output_quantizers
 
@@ -87,8 +87,8 @@ def _output_points(net: gluon.HybridBlock, g) -> dict[str, tuple[object, str]]:
 
 
 def _fp32_graph(net: gluon.HybridBlock, shape: tuple[int, ...]):
-    from deployq.exporters.frontend import from_gluon
-    from deployq.exporters.passes import optimize
+    from deployq.exporters.ir.frontend import from_gluon
+    from deployq.exporters.ir.passes import optimize
 
     return optimize(from_gluon(net, (1, *shape)))
 
@@ -97,7 +97,7 @@ def calibrate_minmax(net: gluon.HybridBlock, x: np.ndarray, batch_size: int = 25
     """Set every quantized layer's input range to the min/max of its fp32 input over ``x``, and the range of
     every quantized output (layer outputs, block outputs: the profile's ``quantize_outputs``, or ``quant_types``
     ``output``) to the min/max of that fp32 tensor; returns the input ranges."""
-    from deployq.exporters.mxnet_lower import run
+    from deployq.exporters.ir.mxnet_lower import run
 
     layers = quant_layers(net)
     g = _fp32_graph(net, x.shape[1:])
@@ -119,7 +119,7 @@ def calibrate_outputs(net: gluon.HybridBlock, x: np.ndarray, batch_size: int = 2
     ``<block>:output``) to the min/max of that fp32 tensor over ``x``, for nets whose input ranges come from
     elsewhere (``deployq.calib.apply`` sets inputs only); returns them. An output range left unset is not
     applied: the simulation and the exporters then keep that tensor in float."""
-    from deployq.exporters.mxnet_lower import run
+    from deployq.exporters.ir.mxnet_lower import run
 
     g = _fp32_graph(net, x.shape[1:])
     outputs = _output_points(net, g)

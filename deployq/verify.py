@@ -228,7 +228,7 @@ def simulate_graph(g: Any, profile: Any, x: np.ndarray, layers: list[str], weigh
 tensor for all its consumers. Returns (logits, {layer: Conv/FC output, before any output quantization})."""
     import mxnet as mx
 
-    from deployq.exporters.mxnet_lower import _op_symbol, run_symbol, to_symbol
+    from deployq.exporters.ir.mxnet_lower import _op_symbol, run_symbol, to_symbol
     from deployq.fakequant import fake_quantize
 
     from .layerwise import no_subgraph_fusion
@@ -301,9 +301,9 @@ def graph_output_step(gq: Any) -> float:
 def run_mxnet(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The exported grids on plain MXNet ops (:func:`simulate_graph` on the saved net's records under the export's
     profile) — an independent check of the records against the Gluon simulation."""
-    from deployq.exporters.frontend import from_gluon
-    from deployq.exporters.passes import optimize
-    from deployq.exporters.qattach import attach_qnet
+    from deployq.exporters.ir.frontend import from_gluon
+    from deployq.exporters.ir.passes import optimize
+    from deployq.exporters.ir.qattach import attach_qnet
 
     from .api import load
 
@@ -351,7 +351,7 @@ class Reference:
 
 
 def _graph_layers(g: Any, x: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    from deployq.exporters.mxnet_lower import run
+    from deployq.exporters.ir.mxnet_lower import run
 
     from .layerwise import no_subgraph_fusion
 
@@ -365,8 +365,8 @@ def reference(man: dict[str, Any], x: np.ndarray, layers: list[str], where: str 
     """From the saved quantized net (the Gluon simulation), or, for an export from MXNet json/params files
     (manifest files ``symbol``/``params``/``scales``, no ``qnet``), rebuilt from those files: the fp32 graph and
     the scale file's grids on MXNet ops (:func:`simulate_graph`), as ``export-ncnn --symbol`` quantized them."""
-    from deployq.exporters.frontend import from_gluon
-    from deployq.exporters.passes import optimize
+    from deployq.exporters.ir.frontend import from_gluon
+    from deployq.exporters.ir.passes import optimize
 
     shape = tuple(man["input"]["shape"])
     paths = man["paths"]
@@ -380,9 +380,9 @@ def reference(man: dict[str, Any], x: np.ndarray, layers: list[str], where: str 
         _, f32_l = _graph_layers(optimize(from_gluon(qnet, shape)), x, layers)
         return Reference(sim, sim_l, f32, f32_l, output_step(qnet) or 1.0, "saved quantized net")
     if all(k in paths for k in ("symbol", "params", "scales")):
-        from deployq.exporters.annotate import load_scale_file
-        from deployq.exporters.frontend import from_files
-        from deployq.exporters.qattach import attach_scales
+        from deployq.exporters.ir.annotate import load_scale_file
+        from deployq.exporters.ir.frontend import from_files
+        from deployq.exporters.ir.qattach import attach_scales
 
         prof = _export_profile(man)
         g = optimize(from_files(paths["symbol"], paths["params"], shape))

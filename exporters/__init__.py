@@ -1,8 +1,8 @@
-"""Exporters over one graph IR (see docs/tengine.md).
+"""Exporters over one graph IR: ``ir`` (graph, op registry, front end, passes), then one package per engine.
 
-``ir`` (Graph, Node), ``frontend`` (from_gluon, from_files), ``passes`` (fold_batchnorm, drop_dropout,
-mark_fusable_activations, optimize), ``mxnet_lower`` (to_symbol, run: the executor), ``annotate``
-(scale file -> tensor thresholds), ``ranges`` (min-max per tensor). Engine exporters lower the graph to
-their own records; writers only serialise: ``tengine`` + ``tengine_writer`` (+ ``simulate``, ``tengine_ref``,
-``tengine_cli``).
+The flow is one-way: ``ir.frontend`` (Gluon net or json/params -> ``ir.graph.Graph``) -> ``ir.passes`` (fold
+BatchNorm, drop Dropout, mark fusable activations) -> ``ir.annotate`` / ``ir.qattach`` (scales from a scale file or a
+quantized net) -> an engine's ``lower`` (every engine decision) -> its writer (serialises only). Engine packages:
+``ncnn`` (lower, caffe, write, export, runtime, cli), ``tengine`` (lower, writer, reference, simulate, cli), ``onnx``
+(export, cli). Engine packages import ``ir``; ``ir`` imports no engine; no module imports a ``cli``.
 """

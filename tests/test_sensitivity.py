@@ -6,7 +6,7 @@ import json
 
 import onnx
 import pytest
-from deployq.exporters.onnx_export import export_qnet
+from deployq.exporters.onnx.export import export_qnet
 
 import deployq
 from deployq.data import load_mnist5k

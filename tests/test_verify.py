@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from deployq.exporters.onnx_export import export_qnet
+from deployq.exporters.onnx.export import export_qnet
 
 import deployq
 from deployq.cli import main
@@ -122,8 +122,8 @@ def test_engine_mismatch_is_a_clear_error(export_dir, capsys):
 def test_symbol_route_verifies_from_files(tmp_path):
     """export-ncnn --symbol writes a manifest and the MXNet files; verify rebuilds the simulation from them."""
     import mxnet as mx
-    from deployq.exporters import mxnet_lower
-    from deployq.exporters.frontend import from_gluon
+    from deployq.exporters.ir import mxnet_lower
+    from deployq.exporters.ir.frontend import from_gluon
 
     qnet = deployq.quantize(get_trained("resnet20", verbose=False), profile="ncnn")
     calibrate_minmax(qnet, load_mnist5k("train").x[:100])

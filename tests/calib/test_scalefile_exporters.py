@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from deployq.calib import CalibrationWarning, ScaleFile, ScaleFileError, apply, calibrate, load
 from deployq.calib.scalefile import StreamHash, TensorRange
-from deployq.exporters import mxnet_lower, ncnn_export, onnx_export, tengine_cli
-from deployq.exporters.frontend import from_gluon
+from deployq.exporters.ir import mxnet_lower
+from deployq.exporters.ir.frontend import from_gluon
+from deployq.exporters.ncnn import export as ncnn_export
+from deployq.exporters.onnx import export as onnx_export
+from deployq.exporters.tengine import cli as tengine_cli
 
 import deployq
 from deployq.data import class_balanced_subset, load_mnist5k

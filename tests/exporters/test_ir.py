@@ -8,9 +8,9 @@ import re
 import mxnet as mx
 import numpy as np
 import pytest
-from deployq.exporters.frontend import from_files, from_gluon
-from deployq.exporters.ir import GraphError, UnsupportedOpError
-from deployq.exporters.mxnet_lower import run
+from deployq.exporters.ir.frontend import from_files, from_gluon
+from deployq.exporters.ir.graph import GraphError, UnsupportedOpError
+from deployq.exporters.ir.mxnet_lower import run
 from mxnet import gluon
 
 from .conftest import MODELS, random_net, rel_err

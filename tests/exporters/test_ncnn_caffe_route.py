@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from deployq.exporters import caffe_pb2 as pb
-from deployq.exporters.ncnn import FP32_TAG, INT8_TAG, LayerRecord, NcnnModel, WeightBlob, float2int8, run
-from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_calibrate
-from deployq.exporters.ncnn_write import bin_bytes, param_text
+from deployq.exporters.ncnn import caffe_pb2 as pb
+from deployq.exporters.ncnn.export import balanced_images, export_qnet, minmax_calibrate
+from deployq.exporters.ncnn.lower import FP32_TAG, INT8_TAG, LayerRecord, NcnnModel, WeightBlob, float2int8
+from deployq.exporters.ncnn.runtime import run
+from deployq.exporters.ncnn.write import bin_bytes, param_text
 from google.protobuf import text_format
 
 import deployq

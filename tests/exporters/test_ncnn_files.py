@@ -8,12 +8,14 @@ import re
 import mxnet as mx
 import numpy as np
 import pytest
-from deployq.exporters import caffe_pb2, mxnet_lower
-from deployq.exporters.caffe import caffe_pool_size, to_caffe
-from deployq.exporters.ir import Graph, Node, UnsupportedOpError
-from deployq.exporters.ncnn import lower, run
-from deployq.exporters.ncnn_export import SUFFIXES, balanced_images, export_qnet, minmax_calibrate, qnet_graphs
-from deployq.exporters.ncnn_write import bin_bytes, format_param, param_text
+from deployq.exporters.ir import mxnet_lower
+from deployq.exporters.ir.graph import Graph, Node, UnsupportedOpError
+from deployq.exporters.ncnn import caffe_pb2
+from deployq.exporters.ncnn.caffe import caffe_pool_size, to_caffe
+from deployq.exporters.ncnn.export import SUFFIXES, balanced_images, export_qnet, minmax_calibrate, qnet_graphs
+from deployq.exporters.ncnn.lower import lower
+from deployq.exporters.ncnn.runtime import run
+from deployq.exporters.ncnn.write import bin_bytes, format_param, param_text
 from google.protobuf import text_format
 from mxnet import gluon
 
@@ -169,7 +171,7 @@ def _fp32_files(tmp_path, name="resnet20"):
     net = get_trained(name, verbose=False)
     deployq.quantize(net, profile="ncnn")
     minmax_calibrate(net, balanced_images(5))
-    from deployq.exporters.frontend import from_gluon
+    from deployq.exporters.ir.frontend import from_gluon
 
     sym, args, aux = mxnet_lower.to_symbol(from_gluon(net))
     (tmp_path / "m-symbol.json").write_text(sym.tojson())
@@ -333,8 +335,8 @@ def test_cli_bad_inputs(tmp_path, capsys, damage):
 
 def test_scale_file_weight_codes_are_ncnn2int8_codes():
     """attach_scales' max-abs codes equal ncnn2int8's float2int8(W * 127/max|W|) (was all zeros)."""
-    from deployq.exporters.ncnn import float2int8
-    from deployq.exporters.qattach import weight_quant_maxabs
+    from deployq.exporters.ir.qattach import weight_quant_maxabs
+    from deployq.exporters.ncnn.lower import float2int8
 
     w = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)
     wq = weight_quant_maxabs(w)
@@ -404,7 +406,7 @@ class _Unpoolable(gluon.HybridBlock):
 
 
 def test_caffe_unsupported_skips_the_pair_with_a_warning(tmp_path):
-    from deployq.exporters.ncnn_export import CaffeSkippedWarning
+    from deployq.exporters.ncnn.export import CaffeSkippedWarning
 
     mx.random.seed(0)
     net = _Unpoolable()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from deployq.exporters import mxnet_lower
-from deployq.exporters.ncnn import export_and_run, float2int8, lower, run
-from deployq.exporters.ncnn_export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
+from deployq.exporters.ir import mxnet_lower
+from deployq.exporters.ncnn.export import balanced_images, export_qnet, minmax_calibrate, qnet_graphs
+from deployq.exporters.ncnn.lower import float2int8, lower
+from deployq.exporters.ncnn.runtime import export_and_run, run
 
 import deployq
 from deployq.data import load_mnist5k

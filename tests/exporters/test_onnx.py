@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from deployq.exporters.ir import UnsupportedOpError
-from deployq.exporters.onnx_export import export_qnet, to_onnx
+from deployq.exporters.ir.graph import UnsupportedOpError
+from deployq.exporters.onnx.export import export_qnet, to_onnx
 
 import deployq
 from deployq.api import output_quantizers
@@ -188,8 +188,8 @@ def test_excluded_layer_has_no_qdq(tmp_path):
 
 
 def test_unsupported_op_names_node_and_op(exported):
-    from deployq.exporters.frontend import from_gluon
-    from deployq.exporters.passes import optimize
+    from deployq.exporters.ir.frontend import from_gluon
+    from deployq.exporters.ir.passes import optimize
 
     _, qnet, *_ = exported
     g = optimize(from_gluon(qnet))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import mxnet as mx
 import numpy as np
 import pytest
-from deployq.exporters.annotate import annotate, graph_fingerprint
-from deployq.exporters.frontend import from_gluon
-from deployq.exporters.ir import GraphError
-from deployq.exporters.mxnet_lower import run
-from deployq.exporters.passes import drop_dropout, fold_batchnorm, mark_fusable_activations, optimize
+from deployq.exporters.ir.annotate import annotate, graph_fingerprint
+from deployq.exporters.ir.frontend import from_gluon
+from deployq.exporters.ir.graph import GraphError
+from deployq.exporters.ir.mxnet_lower import run
+from deployq.exporters.ir.passes import drop_dropout, fold_batchnorm, mark_fusable_activations, optimize
 from mxnet import gluon
 
 from .conftest import MODELS, random_net, rel_err

@@ -10,12 +10,12 @@ import struct
 import mxnet as mx
 import numpy as np
 import pytest
-from deployq.exporters import tengine
-from deployq.exporters.frontend import from_files, from_gluon
-from deployq.exporters.mxnet_lower import run
-from deployq.exporters.simulate import simulate
-from deployq.exporters.tengine_ref import TengineReference, read_scale_table
-from deployq.exporters.tengine_writer import write
+from deployq.exporters.ir.frontend import from_files, from_gluon
+from deployq.exporters.ir.mxnet_lower import run
+from deployq.exporters.tengine import lower as tengine
+from deployq.exporters.tengine.reference import TengineReference, read_scale_table
+from deployq.exporters.tengine.simulate import simulate
+from deployq.exporters.tengine.writer import write
 from mxnet import gluon
 
 from deployq.data import load_mnist5k
@@ -141,7 +141,7 @@ def test_scale_table(exported):
 def test_quantized_net_codes_and_thresholds(tmp_path, test_images):
     """A net quantized with the tengine profile: Tengine recovers its trained codes; its layer-input
     thresholds win over calibration; the CLI exports it from deployq.save files."""
-    from deployq.exporters.tengine_cli import graph_from_qnet, main
+    from deployq.exporters.tengine.cli import graph_from_qnet, main
     from mxnet import autograd
 
     import deployq

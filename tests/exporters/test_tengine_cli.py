@@ -10,7 +10,7 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
-from deployq.exporters.tengine_cli import main
+from deployq.exporters.tengine.cli import main
 from mxnet.gluon import nn
 
 

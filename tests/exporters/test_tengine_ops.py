@@ -6,11 +6,11 @@ from __future__ import annotations
 import mxnet as mx
 import numpy as np
 import pytest
-from deployq.exporters import tengine
-from deployq.exporters.frontend import from_gluon
-from deployq.exporters.simulate import simulate
-from deployq.exporters.tengine_ref import TengineReference
-from deployq.exporters.tengine_writer import write
+from deployq.exporters.ir.frontend import from_gluon
+from deployq.exporters.tengine import lower as tengine
+from deployq.exporters.tengine.reference import TengineReference
+from deployq.exporters.tengine.simulate import simulate
+from deployq.exporters.tengine.writer import write
 from mxnet import gluon
 from mxnet.gluon import nn
 

@@ -9,7 +9,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from .ncnn_export import CaffeSkippedWarning, balanced_images, export_files, export_qnet, minmax_calibrate
+from deployq.exporters.ncnn.export import (
+    CaffeSkippedWarning,
+    balanced_images,
+    export_files,
+    export_qnet,
+    minmax_calibrate,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from .annotate import graph_fingerprint, load_scale_file
-from .caffe import prototxt_text, to_caffe
-from .frontend import from_files, from_gluon
-from .ir import Graph, GraphError, UnsupportedOpError
-from .ncnn import NcnnModel, lower, scale_table
-from .ncnn_write import bin_bytes, param_text, table_text
-from .passes import optimize
-from .qattach import attach_qnet, attach_scales
+from deployq.exporters.ir.annotate import graph_fingerprint, load_scale_file
+from deployq.exporters.ir.frontend import from_files, from_gluon
+from deployq.exporters.ir.graph import Graph, GraphError, UnsupportedOpError
+from deployq.exporters.ir.passes import optimize
+from deployq.exporters.ir.qattach import attach_qnet, attach_scales
+from deployq.exporters.ncnn.caffe import prototxt_text, to_caffe
+from deployq.exporters.ncnn.lower import NcnnModel, lower, scale_table
+from deployq.exporters.ncnn.write import bin_bytes, param_text, table_text
 
 SUFFIXES = {"prototxt": ".prototxt", "caffemodel": ".caffemodel", "table": ".table",
             "fp32_param": ".param", "fp32_bin": ".bin", "int8_param": "-int8.param", "int8_bin": "-int8.bin",
@@ -43,9 +42,9 @@ class CaffeSkippedWarning(UserWarning):
 
 def minmax_calibrate(qnet: Any, x: np.ndarray) -> None:
     """Set every quantized layer's input range to the min/max of its fp32 input over images ``x``."""
-    from deployq import quant_layers
+    from deployq.exporters.ir.mxnet_lower import run
 
-    from .mxnet_lower import run
+    from deployq import quant_layers
 
     g = from_gluon(qnet, (1,) + tuple(x.shape[1:]))
     layers = quant_layers(qnet)

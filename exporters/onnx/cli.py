@@ -30,9 +30,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import deployq
+    from deployq.exporters.onnx.export import export_qnet
 
-    from .onnx_export import export_qnet
+    import deployq
 
     base = Path(args.qnet)
     # strip only our own suffixes: Path.suffix would take ".25-qat" of "mobilenet0.25-qat" for one

@@ -8,15 +8,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from deployq.exporters.ir.annotate import annotate, graph_fingerprint, load_scale_file
+from deployq.exporters.ir.frontend import from_files, from_gluon
+from deployq.exporters.ir.graph import Graph
+from deployq.exporters.ir.passes import optimize
+from deployq.exporters.tengine.lower import lower_model, refuse_mixed_precision
+from deployq.exporters.tengine.writer import write
 
 import deployq
-
-from .annotate import annotate, graph_fingerprint, load_scale_file
-from .frontend import from_files, from_gluon
-from .ir import Graph
-from .passes import optimize
-from .tengine import lower_model, refuse_mixed_precision
-from .tengine_writer import write
 
 CALIB_BATCH = 128
 
@@ -50,7 +49,7 @@ def export_tengine(graph: Graph, out_dir: str | Path, name: str | None = None,
 def graph_from_qnet(qnet, input_shape: tuple[int, ...] = (1, 3, 32, 32), name: str = "model") -> Graph:
     """The optimized fp32 graph of a deployq-quantized net with its trained int8 weight codes and input
     thresholds attached (``exporters.qattach``); :func:`tengine.prepare` uses both."""
-    from .qattach import attach_qnet
+    from deployq.exporters.ir.qattach import attach_qnet
 
     return attach_qnet(optimize(from_gluon(qnet, input_shape, name=name)), qnet)
 
@@ -120,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m deployq.exporters.tengine_cli export-tengine ...``)."""
+    """Stand-alone entry (``python -m deployq.exporters.tengine.cli export-tengine ...``)."""
     parser = argparse.ArgumentParser(prog="deployq")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

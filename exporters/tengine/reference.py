@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from deployq.exporters.ir.frontend import from_files
+from deployq.exporters.ir.graph import Graph, GraphError, Node
+from deployq.exporters.tengine.lower import QMAX, round_half_away, weight_codes, weight_steps
 from numpy.lib.stride_tricks import sliding_window_view
-
-from .frontend import from_files
-from .ir import Graph, GraphError, Node
-from .tengine import QMAX, round_half_away, weight_codes, weight_steps
 
 F32 = np.float32
 
@@ -101,7 +100,7 @@ def _float_act(n: Node, v: np.ndarray) -> np.ndarray:
         flat = v.reshape(v.shape[0], -1) if a["mode"] == "instance" else v
         e = np.exp(flat - flat.max(axis=1, keepdims=True))
         return (e / e.sum(axis=1, keepdims=True)).reshape(v.shape)
-    raise GraphError(f"tengine_ref: layer {n.name!r}: no reference for op {n.op}")
+    raise GraphError(f"tengine reference: layer {n.name!r}: no reference for op {n.op}")
 
 
 class TengineReference:
@@ -178,7 +177,7 @@ class TengineReference:
                 out = np.concatenate(parts, axis=a["dim"])
             elif n.op == "Flatten":
                 if s_ins[0] != s_out:
-                    raise GraphError(f"tengine_ref: Flatten {n.name!r} copies bytes but its input step "
+                    raise GraphError(f"tengine reference: Flatten {n.name!r} copies bytes but its input step "
                                      f"{s_ins[0]} != output step {s_out}")
                 out = ins[0].reshape(ins[0].shape[0], -1)
             else:

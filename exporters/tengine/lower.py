@@ -13,12 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from .annotate import graph_fingerprint
-from .ir import Graph, Node, TensorQuant
-from .mxnet_lower import tensor_shapes
-from .passes import activation_kind, optimize
-from .ranges import tensor_ranges
+from deployq.exporters.ir.annotate import graph_fingerprint
+from deployq.exporters.ir.graph import Graph, Node, TensorQuant
+from deployq.exporters.ir.mxnet_lower import tensor_shapes
+from deployq.exporters.ir.passes import activation_kind, optimize
+from deployq.exporters.ir.ranges import tensor_ranges
 
 QMAX = 127
 #: IR ops Tengine's converter and int8 CPU kernels handle (after lowering softmax variants).

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from deployq.exporters.ir.graph import Graph, GraphError
 
 from deployq.fakequant import np_round_half_away
 from deployq.profiles import Profile, load_profile
-
-from .ir import Graph, GraphError
 
 WEIGHTED = ("Convolution", "FullyConnected")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deployq.naming import structure_fingerprint
+from deployq.exporters.ir.graph import Graph, GraphError, TensorQuant
+from deployq.exporters.ir.mxnet_lower import to_symbol
 
-from .ir import Graph, GraphError, TensorQuant
-from .mxnet_lower import to_symbol
+from deployq.naming import structure_fingerprint
 
 SCHEMA, VERSION = "deployq.scales", 1
 

@@ -13,12 +13,11 @@ from pathlib import Path
 import jinja2
 import mxnet as mx
 from deployq.calib.scalefile import ScaleFile, TensorRange
+from deployq.exporters.ir.mxnet_lower import to_symbol
+from deployq.exporters.tengine.lower import TengineExport
 
 import deployq
 from deployq.profiles import TensorGrid
-
-from .mxnet_lower import to_symbol
-from .tengine import TengineExport
 
 
 def render_scale_table(exp: TengineExport) -> str:

@@ -17,12 +17,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+from deployq.exporters.ir.graph import Graph, Node, UnsupportedOpError
+from deployq.exporters.ir.mxnet_lower import to_symbol
+from deployq.exporters.ir.passes import activation_kind
+from deployq.exporters.ncnn import caffe_pb2 as pb
 from google.protobuf import text_format
-
-from . import caffe_pb2 as pb
-from .ir import Graph, Node, UnsupportedOpError
-from .mxnet_lower import to_symbol
-from .passes import activation_kind
 
 ACTIVATION_TYPES = {"relu": "ReLU", "relu6": "ReLU6", "sigmoid": "Sigmoid", "tanh": "TanH", "leaky": "ReLU"}
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import mxnet as mx
 import numpy as np
-
-from .ir import Graph, Node
-from .mxnet_lower import NodeHook, run, tensor_shapes
-from .tengine import QMAX, TengineExport, round_half_away, weight_codes
+from deployq.exporters.ir.graph import Graph, Node
+from deployq.exporters.ir.mxnet_lower import NodeHook, run, tensor_shapes
+from deployq.exporters.tengine.lower import QMAX, TengineExport, round_half_away, weight_codes
 
 F32 = np.float32
 

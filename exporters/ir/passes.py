@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from .ir import Graph, Node
+from deployq.exporters.ir.graph import Graph, Node
 
 WEIGHTED_OPS = ("Convolution", "FullyConnected")
 

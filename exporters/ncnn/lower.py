@@ -1,4 +1,4 @@
-"""IR -> ncnn layer records (fp32 or int8). Every ncnn decision is made here; ``ncnn_write`` only serialises.
+"""IR -> ncnn layer records (fp32 or int8). Every ncnn decision is made here; ``write`` only serialises.
 
 Decisions: layer types and param ids (spec ncnn-int8.md §5), activations fused into Convolution/InnerProduct
 (param 9/10), ``Split`` layers for fan-out (``splitncnn_<k>``, tops ``<blob>_splitncnn_<i>``), int8 terms as
@@ -10,15 +10,12 @@ calibration table ncnn2int8 reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
+from deployq.exporters.ir.graph import Graph, GraphError, Node, UnsupportedOpError
+from deployq.exporters.ir.passes import activation_kind
 
 from deployq.fakequant import np_round_half_away
-
-from .ir import Graph, GraphError, Node, UnsupportedOpError
-from .passes import activation_kind
 
 INT8_TAG = 0x000D4B38
 FP32_TAG = 0x00000000
@@ -93,7 +90,7 @@ def winograd_guard(node: Node) -> bool:
 
 def tensor_ranks(g: Graph) -> dict[str, int]:
     """MXNet rank of every activation tensor (batch included)."""
-    from .mxnet_lower import to_symbol
+    from deployq.exporters.ir.mxnet_lower import to_symbol
 
     names = g.tensors()[1:]
     sym, _, _ = to_symbol(g, outputs=names)
@@ -350,49 +347,3 @@ def scale_table(g: Graph) -> list[tuple[str, list[float]]]:
         weights.append((f"{node.name}_param_0", [float(v) for v in m]))
         blobs.append((node.name, [float(node.attrs["iq"].multiplier())]))
     return weights + blobs
-
-
-# ---------------------------------------------------------------------------------------------- runtime
-def run(param: str | Path, bin_: str | Path, x: np.ndarray, input_blob: str = "data", output_blob: str | None = None,
-        packing: bool = False, threads: int = 1) -> np.ndarray:
-    """Run an ncnn model on NCHW images ``x`` (one at a time), fp16/bf16 off; returns flattened outputs of
-    ``output_blob`` (default: the model's first output blob)."""
-    import ncnn
-
-    net = ncnn.Net()
-    opt = net.opt
-    opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = False
-    opt.use_bf16_storage = False
-    opt.use_packing_layout = packing
-    opt.use_int8_inference = True
-    opt.num_threads = threads
-    if net.load_param(str(param)) != 0 or net.load_model(str(bin_)) != 0:
-        raise GraphError(f"ncnn could not load {param} / {bin_}")
-    output_blob = output_blob or net.output_names()[0]
-    outs = []
-    for img in np.asarray(x, np.float32):
-        ex = net.create_extractor()
-        ex.input(input_blob, ncnn.Mat(np.ascontiguousarray(img)).clone())
-        ret, mat = ex.extract(output_blob)
-        if ret != 0:
-            raise GraphError(f"ncnn extract({output_blob!r}) failed with {ret}")
-        outs.append(np.array(mat).reshape(-1).copy())
-        del mat, ex
-    return np.stack(outs)
-
-
-def export_and_run(qnet: Any, out_dir: str | Path, x: np.ndarray, y: np.ndarray, name: str = "model"
-                   ) -> dict[str, Any]:
-    """Export ``qnet`` (all ncnn files) into ``out_dir``, run the int8 model in ncnn on ``x`` and return its
-    top-1 accuracy on ``y``, top-1 agreement with deployq's simulation and the max logit difference."""
-    from deployq.zoo import predict
-
-    from .ncnn_export import export_qnet
-
-    files = export_qnet(qnet, out_dir, name)
-    logits = run(files["int8_param"], files["int8_bin"], x)
-    sim = predict(qnet, x)
-    return {"files": {k: str(v) for k, v in files.items()},
-            "accuracy": float(np.mean(logits.argmax(1) == y)),
-            "agreement": float(np.mean(logits.argmax(1) == sim.argmax(1))),
-            "max_logit_error": float(np.abs(logits - sim).max())}

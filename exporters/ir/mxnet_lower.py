@@ -8,8 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import mxnet as mx
 import numpy as np
-
-from .ir import Graph, Node
+from deployq.exporters.ir.graph import Graph, Node
 
 #: ``hook(tensor_name, symbol) -> symbol``: rewrites a tensor as it is produced (fake quantization).
 TensorHook = Callable[[str, mx.sym.Symbol], mx.sym.Symbol]

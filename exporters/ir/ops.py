@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .ir import GraphError, UnsupportedOpError
+from deployq.exporters.ir.graph import GraphError, UnsupportedOpError
 
 
 def parse_bool(s: str) -> bool:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-
-from .ir import Graph
-from .mxnet_lower import run_symbol, to_symbol
+from deployq.exporters.ir.graph import Graph
+from deployq.exporters.ir.mxnet_lower import run_symbol, to_symbol
 
 
 def tensor_ranges(graph: Graph, batches: Iterable[np.ndarray]) -> dict[str, tuple[float, float]]:

@@ -11,8 +11,7 @@ from importlib import resources
 
 import jinja2
 import numpy as np
-
-from .ncnn import LayerRecord, NcnnModel, ParamValue
+from deployq.exporters.ncnn.lower import LayerRecord, NcnnModel, ParamValue
 
 
 @cache

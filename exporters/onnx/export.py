@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from deployq.exporters.ir.graph import Graph, Node, UnsupportedOpError
+from deployq.exporters.ir.qattach import InputQuant, WeightQuant
 from onnx import TensorProto, helper, numpy_helper
-
-from .ir import Graph, Node, UnsupportedOpError
-from .qattach import InputQuant, WeightQuant
 
 OPSET = 13
 BATCH_DIM = "N"
@@ -387,13 +386,13 @@ def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
     import json
     import warnings
 
+    from deployq.exporters.ir.frontend import from_gluon
+    from deployq.exporters.ir.passes import optimize
+    from deployq.exporters.ir.qattach import attach_qnet
+
     import deployq
     import deployq.api
     from deployq.manifest import write_manifest
-
-    from .frontend import from_gluon
-    from .passes import optimize
-    from .qattach import attach_qnet
 
     layers = deployq.quant_layers(qnet)
     if not layers:

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import mxnet as mx
 import numpy as np
+from deployq.exporters.ir.graph import PARAM_ROLES, Graph, GraphError, Node
+from deployq.exporters.ir.ops import OP_ALIASES, OP_ATTRS, parse_attrs, unsupported_op
 from mxnet import gluon
 
 from deployq.naming import node_path, prefix_map
-
-from .ir import PARAM_ROLES, Graph, GraphError, Node
-from .ops import OP_ALIASES, OP_ATTRS, parse_attrs, unsupported_op
 
 NUMPY_MODE_MAGIC = 0xF993FACA
 _DROPPED_INPUT_WORDS = ("label",)
@@ -165,7 +164,7 @@ def _from_json(text: str, params: dict[str, np.ndarray], input_shape: tuple[int,
 
 def _check_shapes(g: Graph) -> None:
     """Catch params whose shapes do not fit the graph (a params file of another model) early."""
-    from .mxnet_lower import to_symbol
+    from deployq.exporters.ir.mxnet_lower import to_symbol
 
     sym, _, _ = to_symbol(g)
     try:
