@@ -14,7 +14,7 @@ operator), the batch added to the pass totals by an engine operation on MXNet's 
 thread hashes the batch. minmax and ema read the data once; percentile and mse once (range and a power-of-two-range
 histogram in the same pass); kl twice (pass 1: the global max |x| of every tensor, pass 2: the 2048-bin histogram
 over [0, max]: ncnn2table's algorithm needs the whole set's range first), so its floor is two passes of the tap
-graph plus the KL search (native, ~1 ms per tensor, two threads); kl-1pass (``one_pass=True``, opt-in, not
+graph plus the KL search (NumPy, ~9 ms per tensor, two threads); kl-1pass (``one_pass=True``, opt-in, not
 ncnn2table's histogram) runs the same search on the one-pass histogram and reads the data once. What remains per
 pass beyond the fused fp32 pass: the tap graph keeps every tapped tensor (no memory reuse), the SHA-256 of the
 images (~7 ms per 1000 MNIST images of 3x32x32), the histogram kernel (~0.4 ns per value) and a few Python calls

@@ -452,7 +452,7 @@ NATIVE: bool | None = None
 
 def _use_native() -> bool:
     """Whether calibrate() reduces the activations in the graph with ``dq_calib_stats`` (deployq.native.calibops,
-    built on first use); otherwise they are read on the host and reduced in NumPy, with the same results."""
+    built at install); otherwise they are read on the host and reduced in NumPy, with the same results."""
     if NATIVE is False:
         return False
     from ..native import calibops

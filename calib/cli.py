@@ -13,6 +13,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .. import preprocess
+from ..errors import DeployqError, UsageError
+from ..images import add_data_arguments, open_data
+from ..modelargs import add_model_arguments, load_model
 from .api import CalibrationWarning
 from .base import CALIBRATORS
 
@@ -23,10 +27,6 @@ _FLAGS = {"momentum": "--momentum", "passes": "--passes", "bins": "--bins",
           "clip_guard": "--clip-guard/--no-clip-guard", "percentile": "--percentile", "one_pass": "--one-pass"}
 
 
-class UsageError(ValueError):
-    """A bad command line (the message names the option)."""
-
-
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "calibrate", help="post-training calibration of activation ranges -> scale file",
@@ -35,19 +35,18 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "(every Conv/Dense on the profile's grid) or a quantized net saved with deployq.save "
                     "(--qnet; each layer on its own input grid). Guard-rail warnings go to stderr, one line "
                     "each. Exit 0 when written; 2 on bad input (nothing written).")
-    p.add_argument("model", nargs="?", help="built-in model name (mobilenet0.25, resnet20); or use --qnet")
-    p.add_argument("--qnet", help="a quantized net saved with deployq.save (<path>.params + <path>.deployq.json)")
-    p.add_argument("--data", default="builtin",
-                   help="calibration images: 'builtin' (class-balanced MNIST-5k train), an .npz (array 'x' or "
-                        "'data', optional labels 'y') or a folder of .png/.jpg/.bmp images (default builtin)")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model NAME")
+    add_model_arguments(p)
+    add_data_arguments(p, help_text="calibration images: a folder (images inside, or class subfolders), an .npz of "
+                                    "preprocessed NxCxHxW 'x' (+ 'y'), or builtin (MNIST-5k train; the built-in "
+                                    "models' default). Required for any other model")
+    preprocess.add_arguments(p)
     p.add_argument("--method", default="kl", choices=sorted(CALIBRATORS))
     p.add_argument("--profile", default=None,
                    help="engine profile (default: the quantized net's, else ncnn)")
     p.add_argument("--num-sample", type=int, default=None,
                    help="calibration images per class, where labels are known (default 10 for builtin; all "
                         "images of a file)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many images")
-    p.add_argument("--input-shape", default=None, help="N,C,H,W of the net input (default: the qnet's, else 1,3,32,32)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the class-balanced subset")
     g = p.add_argument_group("method options (each only for its method)")
@@ -130,69 +129,42 @@ def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 4 or min(shape) < 1:
-        raise UsageError(f"--input-shape must be N,C,H,W (positive integers), got {text!r}")
-    return shape
-
-
 def load_net(args: argparse.Namespace):
-    """(net, model name, profile name, input shape) from the model name or --qnet."""
-    if bool(args.model) == bool(args.qnet):
-        raise UsageError("give exactly one of: a built-in model name, --qnet PATH")
-    if args.qnet:
-        import json
-
-        import deployq
-
-        net = deployq.load(args.qnet)
-        base = str(args.qnet).removesuffix(".params").removesuffix(".deployq.json")
-        meta = json.loads(Path(f"{base}.deployq.json").read_text())
-        prof = net._deployq["profile"]
-        if args.profile is not None and args.profile != prof:
-            raise UsageError(f"--profile {args.profile}: the quantized net {args.qnet} was made for profile {prof}")
-        shape = _shape(args.input_shape) if args.input_shape else tuple(meta.get("input_shape") or (1, 3, 32, 32))
-        return net, meta.get("model") or Path(base).name, prof, shape
-    from ..zoo import BUILTIN_MODELS, get_trained
-
-    if args.model not in BUILTIN_MODELS:
-        raise UsageError(f"unknown built-in model {args.model!r}; built-in: {', '.join(BUILTIN_MODELS)} "
-                         "(or --qnet PATH for a saved quantized net)")
-    shape = _shape(args.input_shape) if args.input_shape else (1, 3, 32, 32)
-    return get_trained(args.model, verbose=not args.quiet), args.model, args.profile or "ncnn", shape
+    """The LoadedModel of --model / --symbol / --qnet (or the positional built-in name)."""
+    if args.model_pos:
+        if args.model or args.symbol or args.qnet:
+            raise UsageError(f"give the model once: {args.model_pos!r} and --model/--symbol/--qnet")
+        args.model = args.model_pos
+    m = load_model(args, quiet=args.quiet)
+    if args.profile is not None and m.quantized and args.profile != m.profile:
+        raise UsageError(f"--profile {args.profile}: the quantized net {args.qnet} was made for profile {m.profile}")
+    return m
 
 
-def load_images(args: argparse.Namespace, input_shape: tuple[int, ...]):
-    """Calibration images (float32 NCHW) and a description for the producer string."""
-    import numpy as np
-
+def load_images(args: argparse.Namespace, m) -> tuple:
+    """Calibration images (float32 NCHW) of --data for the model's preprocessing, and the data's name."""
     from .api import class_balanced_sampler
 
-    if args.data == "builtin":
-        from ..data import load_mnist5k
-
-        train = load_mnist5k("train")
-        x, y, per_class = train.x, train.y, args.num_sample or 10
-        if tuple(x.shape[1:]) != tuple(input_shape[1:]):
-            raise UsageError(f"--data builtin: MNIST-5k images are {x.shape[1:]}, the net needs {input_shape[1:]}")
-    else:
-        from ..verify import load_data
-
-        x, y = load_data(args.data, input_shape)
-        per_class = args.num_sample
+    spec = args.data
+    if spec is None:
+        if m.kind == "builtin" or (m.kind == "qnet" and m.name in ("mobilenet0.25", "resnet20")):
+            spec = "builtin"
+        else:
+            raise UsageError(f"no --data: {m.name} must be calibrated on your images",
+                             fix="pass --data DIR (a folder of images, or class subfolders) or --data FILE.npz")
+    data = open_data(spec, m.preprocess, split="train", limit=None if args.num_sample else args.limit,
+                     skip_bad=args.skip_bad_images, quiet=args.quiet)
+    x, y = data.x, data.y
+    per_class = args.num_sample or (10 if spec == "builtin" else None)
     if per_class is not None:
         if y is None:
-            raise UsageError(f"--num-sample: {args.data} has no labels ('y'); use --limit to take fewer images")
+            raise UsageError(f"--num-sample: {spec} has no labels (class subfolders or 'y'); use --limit instead")
         x = x[class_balanced_sampler(y, per_class, args.seed)]
-    if args.limit:
-        x = x[:args.limit]
+        if args.limit:
+            x = x[:args.limit]
     if len(x) == 0:
-        raise UsageError(f"--data {args.data}: no images")
-    return np.ascontiguousarray(x, dtype=np.float32)
+        raise UsageError(f"--data {spec}: no images")
+    return x, spec
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         kw = method_kwargs(args)
-        net, name, profile, shape = load_net(args)
-        x = load_images(args, shape)
+        m = load_net(args)
+        net, name, profile = m.net, m.name, args.profile or m.profile or "ncnn"
+        x, spec = load_images(args, m)
         with warnings.catch_warnings():
             # the guard-rail lines are printed below, not as Python warnings (others, e.g. a fallback, still show)
             warnings.simplefilter("ignore", CalibrationWarning)
@@ -217,13 +190,18 @@ def run(args: argparse.Namespace) -> int:
             opts += " --no-clip-guard"
         if getattr(args, "one_pass", None):
             opts += " --one-pass"
-        src = f"--qnet {Path(args.qnet).name}" if args.qnet else name
+        src = (f"--qnet {Path(args.qnet).name}" if args.qnet else f"--symbol {Path(args.symbol).name}"
+               if args.symbol else f"--model {name}")
         sf.producer = " ".join(f"deployq calibrate {src} --method {args.method} {opts} --profile {profile} "
-                               f"--data {Path(args.data).name} --images {len(x)} --seed {args.seed}".split())
+                               f"--data {Path(spec).name} --images {len(x)} --seed {args.seed}".split())
+        sf.preprocess = m.preprocess.to_dict()
         path = sf.save(args.out)
-    except (ValueError, OSError) as e:
+    except UsageError as e:
         print(f"deployq calibrate: error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError, DeployqError) as e:
+        print(f"deployq calibrate: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     for msg in sf.warnings:
         print(f"deployq calibrate: warning: {msg}", file=sys.stderr)
     if args.report:

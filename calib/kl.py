@@ -7,8 +7,8 @@
    (fractional bin edges split a bin proportionally), spread back uniformly over the same span, + ``eps``;
    KL(P||Q) = sum P log(P/Q) (no renormalisation, ``eps = 1e-4`` as ncnn);
 4. threshold = (best_t + 0.5) * absmax / 2048. ``levels`` = 128 for signed int8 (256 for uint8 on
-   non-negative data). The first minimum wins on ties. Step 3 runs in C++ (``deployq.native.klsearch``) where it
-   is built, in NumPy otherwise (:func:`kl_divergences_numpy`, same formula).
+   non-negative data). The first minimum wins on ties. Step 3 is vectorised over the candidates in NumPy
+   (:func:`kl_divergences`, ~9 ms per 2048-bin histogram).
 
 Clip guard (deployq's addition, on by default): KL assumes a smooth, ReLU-like distribution. On tensors dominated
 by one value (the normalised MNIST background, signed residual-block inputs) it picks thresholds far below the
@@ -29,7 +29,6 @@ import functools
 
 import numpy as np
 
-from ..native import klsearch
 from ..profiles import TensorGrid
 from .base import Calibrator, check_pow2_bins, register
 
@@ -44,7 +43,7 @@ def _integral(prefix: np.ndarray, dens: np.ndarray, x: np.ndarray) -> np.ndarray
 
 @functools.lru_cache(maxsize=4)
 def _grid(n: int, levels: int) -> tuple[np.ndarray, ...]:
-    """The parts of :func:`kl_divergences_numpy` that depend only on the histogram length and ``levels`` (candidate t,
+    """The parts of :func:`kl_divergences` that depend only on the histogram length and ``levels`` (candidate t,
     merged-bin edges and their floor/fraction/ceil indices), computed once per (n, levels); read-only."""
     ti = np.arange(levels, n)
     t = ti.astype(np.float64)[:, None]  # (T, 1)
@@ -63,14 +62,6 @@ def _grid(n: int, levels: int) -> tuple[np.ndarray, ...]:
 
 
 def kl_divergences(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS) -> np.ndarray:
-    """KL(P_t || Q_t) for every candidate t in [levels, len(hist)): the native kernel (deployq/native/klsearch.cc,
-    ~1 ms for 2048 bins) where it is built, else :func:`kl_divergences_numpy` (the reference, ~9 ms). Both compute the
-    same formula; the values differ by float rounding only (~1e-14 absolute)."""
-    out = klsearch.kl_divergences(hist, levels, eps)
-    return kl_divergences_numpy(hist, levels, eps) if out is None else out
-
-
-def kl_divergences_numpy(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS) -> np.ndarray:
     """KL(P_t || Q_t) for every candidate t in [levels, len(hist)), vectorised over t in O(levels) per t.
 
     With ``pe = h + eps``: ``KL = sum_k P_k log P_k - sum_k P_k log Q_k``. The first sum is a prefix sum of
@@ -116,7 +107,7 @@ def kl_best_bin(hist: np.ndarray, levels: int = 128, eps: float = KL_EPS) -> int
 class KLCalibrator(Calibrator):
     name = "kl"
     uses_histogram = True
-    parallel_compute = True  # the KL search, ~1 ms per tensor (native) or ~9 ms (NumPy), outside the GIL
+    parallel_compute = True  # the KL search, ~9 ms per tensor in NumPy, mostly outside the GIL
 
     def __init__(self, grid: TensorGrid | None = None, num_bins: int = 2048, eps: float = KL_EPS,
                  max_clipped_share: float | None = 1e-3, one_pass: bool = False):

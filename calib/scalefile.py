@@ -241,6 +241,8 @@ class ScaleFile:
     producer: str
     tensors: dict[str, TensorRange] = field(default_factory=dict)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the input shape and preprocessing of the calibration images (deployq.preprocess.Preprocess.to_dict)
+    preprocess: dict[str, Any] | None = None
     #: guard-rail messages of the calibration that made this file (not written to the file)
     warnings: list[str] = field(default_factory=list, compare=False, repr=False)
 
@@ -251,6 +253,7 @@ class ScaleFile:
             "profile": self.profile, "producer": self.producer,
             "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
             "layers": {k: dict(v) for k, v in self.layers.items()},
+            **({"preprocess": dict(self.preprocess)} if self.preprocess else {}),
         }
 
     def to_json(self) -> str:
@@ -280,7 +283,12 @@ class ScaleFile:
         tensors = {k: TensorRange.from_dict(k, v, source) for k, v in d["tensors"].items()}
         layers = {k: dict(_check_fields(v, LAYER_FIELDS, f"{source}: layer {k!r}"))
                   for k, v in d.get("layers", {}).items()}
-        return cls(model["name"], model["fingerprint"], d["profile"], d["producer"], tensors, layers)
+        pre = d.get("preprocess")
+        if pre is not None:
+            from ..preprocess import Preprocess
+
+            Preprocess.from_dict(pre, f"{source}: field 'preprocess'")  # checked here, used by the CLIs
+        return cls(model["name"], model["fingerprint"], d["profile"], d["producer"], tensors, layers, pre)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` atomically (temporary file in the same folder, then rename)."""
@@ -291,7 +299,7 @@ class ScaleFile:
 _TOP_FIELDS: dict[str, tuple[str, bool, bool]] = {
     "schema": (_STR, False, False), "version": (_INT, False, False), "model": (_OBJ, False, False),
     "profile": (_STR, False, False), "producer": (_STR, False, False), "tensors": (_OBJ, False, False),
-    "layers": (_OBJ, False, True),
+    "layers": (_OBJ, False, True), "preprocess": (_OBJ, True, True),
 }
 
 

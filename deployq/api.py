@@ -15,7 +15,6 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from .blocks import (
-    ALGORITHMS,
     QUANT_TYPES,
     BypassActivation,
     BypassBatchNorm,
@@ -29,6 +28,7 @@ from .blocks import (
 from .config import LayerConfig, resolve
 from .naming import block_paths, node_path, prefix_map, structure_fingerprint
 from .profiles import Profile, TensorGrid, load_profile
+from .quantizers import get_quantizer
 
 
 def _float_type(b: gluon.Block) -> type | None:
@@ -284,11 +284,11 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
             training or ``deployq.layerwise.calibrate_minmax``/``calibrate_outputs``); until then it stays float.
         profile: ``ncnn``, ``tengine``, ``onnx``, ``custom`` or a Profile: the engine's integer grid, rounding
             and scale convention, used by the simulation and by training.
-        algorithm: ``naive``, ``qat``, ``dorefa``, ``lsq``, ``bnn`` or ``observer``.
+        algorithm: ``naive``, ``qat``, ``dorefa``, ``lsq``, ``bnn``, ``observer`` or a name registered with
+            :func:`deployq.register_quantizer` (``deployq.quantizers``).
         ema_momentum: momentum of the tracked input ranges (first training batch initialises them).
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; supported: {', '.join(ALGORITHMS)}")
+    quantizer = get_quantizer(algorithm)  # ValueError naming the registered algorithms
     prof = load_profile(profile)
     if quant_layers(net):
         raise ValueError("net is already quantized (it has deployq quantized layers)")
@@ -303,7 +303,7 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
         layers[path] = (t.__name__, depthwise)
     cfgs = resolve(config_list, layers, prof)
     pairs = conv_bn_pairs(net) if any(c.fake_bn and c.weight is not None for c in cfgs.values()) else {}
-    if prof.quantize_outputs == "non_layer_consumers" and algorithm != "bnn":
+    if prof.quantize_outputs == "non_layer_consumers" and quantizer.block_outputs:
         folded = {p: b for p, b in pairs.items() if cfgs[p].quantized and cfgs[p].fake_bn
                   and cfgs[p].weight is not None}
         cfgs = resolve(config_list, layers, prof, output_points(net, folded))
@@ -494,7 +494,7 @@ def export_scales(net: gluon.HybridBlock, model_name: str = "", method: str = "t
             prov = {k: rec.get(k) for k in ("samples", "data_hash", "observed_min", "observed_max", "clipped_share")}
         else:
             m, prov = method, {}
-            if b.algorithm == "observer" and float(b.input_state.data().asnumpy()[2]) > 0.5:
+            if b.quantizer.observer and float(b.input_state.data().asnumpy()[2]) > 0.5:
                 prov = {"observed_min": lo, "observed_max": hi}
         sf.tensors[f"{path}:input"] = TensorRange.on_grid(path, "input", tensor_of[path], m,
                                                           b.input_threshold(), lo, hi, g, **prov)
@@ -503,57 +503,156 @@ def export_scales(net: gluon.HybridBlock, model_name: str = "", method: str = "t
 
 # ---------------------------------------------------------------------- save / load
 
+QNET_FORMAT = "deployq.qnet/1"
+
+
+def architecture(net: gluon.Block, model_name: str = "") -> dict[str, Any] | None:
+    """How :func:`load` rebuilds ``net``: a gluoncv model by name and classes, or the symbol JSON of a
+    :class:`~deployq.symbolnet.SymbolNet` (any MXNet export). None: a Python HybridBlock deployq cannot rebuild."""
+    from .symbolnet import SymbolNet
+
+    if isinstance(net, SymbolNet):
+        return {"kind": "symbol", "symbol": json.loads(net.symbol_json), "input_shape": list(net.input_shape)}
+    arch = getattr(net, "_deployq_arch", None)
+    return dict(arch) if arch else None
+
+
 def save(net: gluon.HybridBlock, path: str | os.PathLike, model_name: str = "",
-         input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> tuple[Path, Path]:
-    """Save a quantized net: ``<path>.params`` (weights, tracked ranges, steps) and ``<path>.deployq.json``."""
+         input_shape: tuple[int, ...] | None = None, preprocess: Any = None) -> tuple[Path, Path]:
+    """Save a quantized net: ``<path>.params`` (weights, tracked ranges, steps) and ``<path>.deployq.json``
+    (profile, algorithm, config list, the architecture (gluoncv name + classes, or the symbol JSON), input shape
+    and preprocessing), both written to temporary names and renamed into place."""
     info = getattr(net, "_deployq", None)
     if info is None:
         raise ValueError("not a deployq-quantized net (call deployq.quantize first)")
+    if preprocess is not None:
+        input_shape = input_shape or preprocess.input_shape
+    input_shape = tuple(input_shape or getattr(net, "input_shape", None) or (1, 3, 32, 32))
     base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
     params, meta = Path(f"{base}.params"), Path(f"{base}.deployq.json")
-    tmp = Path(f"{base}.params.tmp")
-    net.save_parameters(str(tmp))
-    meta_tmp = Path(f"{base}.json.tmp")
-    meta_tmp.write_text(json.dumps({**info, "model": model_name, "input_shape": list(input_shape),
-                                    "format": "deployq.qnet/1"}, indent=2))
-    os.replace(tmp, params)
-    os.replace(meta_tmp, meta)
+    tmp, meta_tmp = Path(f"{base}.params.tmp{os.getpid()}"), Path(f"{base}.json.tmp{os.getpid()}")
+    doc = {**info, "model": model_name, "input_shape": list(input_shape), "format": QNET_FORMAT,
+           "architecture": architecture(net, model_name)}
+    if preprocess is not None:
+        doc["preprocess"] = preprocess.to_dict()
+    try:
+        net.save_parameters(str(tmp))
+        meta_tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, params)
+        os.replace(meta_tmp, meta)
+    finally:
+        for t in (tmp, meta_tmp):
+            t.unlink(missing_ok=True)
     return params, meta
 
 
-def load(path: str | os.PathLike, net: gluon.HybridBlock | None = None,
-         ctx: mx.Context | None = None) -> gluon.HybridBlock:
-    """Load a net saved with :func:`save`. ``net`` is a fresh fp32 net of the same architecture; if omitted,
-    the built-in model named in the file is built."""
+def _qnet_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     base = str(path)
     for suffix in (".params", ".deployq.json"):
         if base.endswith(suffix):
             base = base[: -len(suffix)]
-    meta_path, params = Path(f"{base}.deployq.json"), Path(f"{base}.params")
+    return Path(f"{base}.deployq.json"), Path(f"{base}.params")
+
+
+def read_qnet_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``.deployq.json`` of a saved quantized net."""
+    from .errors import InputError
+
+    meta_path, params = _qnet_paths(path)
     for p in (meta_path, params):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: missing (a saved quantized net is <name>.params + <name>.deployq.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != "deployq.qnet/1":
-        raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}; expected 'deployq.qnet/1'")
-    if net is None:
+            raise InputError("missing (a saved quantized net is <name>.params + <name>.deployq.json)", where=p)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", where=meta_path) from None
+    if not isinstance(meta, dict) or meta.get("format") != QNET_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(f"unknown format {got!r}; expected {QNET_FORMAT!r}", where=meta_path)
+    for key in ("config_list", "algorithm", "profile", "input_shape"):
+        if key not in meta:
+            raise InputError(f"missing key {key!r}", where=meta_path)
+    return meta
+
+
+def _rebuild(meta: dict[str, Any], where: Path) -> gluon.HybridBlock:
+    from .errors import InputError
+
+    arch = meta.get("architecture")
+    if arch is None and meta.get("model"):  # saved before architectures were recorded: a built-in model
+        arch = {"kind": "gluoncv", "name": meta["model"], "classes": 10}
+    if not arch:
+        raise InputError("saved from a Python HybridBlock deployq cannot rebuild", where=where,
+                         fix="pass the fp32 net: deployq.load(path, net=MyNet()), or export it with "
+                             "HybridBlock.export and quantize it from --symbol/--params")
+    if arch.get("kind") == "symbol":
+        from .symbolnet import SymbolNet
+
+        return SymbolNet.from_json(json.dumps(arch["symbol"]), tuple(arch.get("input_shape") or meta["input_shape"]),
+                                   source=f"{where} (symbol)")
+    if arch.get("kind") == "gluoncv":
         from .zoo import get_model
 
-        if not meta.get("model"):
-            raise ValueError(f"{meta_path}: no model name recorded; pass the fp32 net to deployq.load(path, net)")
-        net = get_model(meta["model"])
+        try:
+            return get_model(arch["name"], classes=int(arch.get("classes", 10)))
+        except ValueError as e:
+            raise InputError(str(e), where=where) from None
+    raise InputError(f"unknown architecture kind {arch.get('kind')!r}", where=where)
+
+
+def load(path: str | os.PathLike, net: gluon.HybridBlock | None = None,
+         ctx: mx.Context | None = None) -> gluon.HybridBlock:
+    """Load a net saved with :func:`save`, for any architecture: a gluoncv model is rebuilt by name and class
+    count, an MXNet export from its stored symbol. ``net``: a fresh fp32 net of the same architecture instead
+    (for a Python HybridBlock that is neither)."""
+    return load_saved(path, net, ctx)[0]
+
+
+def load_saved(path: str | os.PathLike, net: gluon.HybridBlock | None = None, ctx: mx.Context | None = None
+               ) -> tuple[gluon.HybridBlock, dict[str, Any], Any]:
+    """(net, metadata, Preprocess or None) of a saved quantized net; errors name the file."""
+    from .errors import InputError
+    from .preprocess import Preprocess
+
+    meta_path, params = _qnet_paths(path)
+    meta = read_qnet_meta(path)
+    if net is None:
+        net = _rebuild(meta, meta_path)
     ctx = ctx or mx.cpu()
-    if not net._collect_params_with_prefix() or any(p._data is None for p in net.collect_params().values()):
-        net.initialize(ctx=ctx, force_reinit=False)
-        net(mx.nd.zeros(tuple(meta["input_shape"]), ctx=ctx))
-    quantize(net, meta["config_list"], _saved_profile(meta), meta["algorithm"], meta["ema_momentum"])
+    shape = tuple(meta["input_shape"])
+    try:
+        if not net._collect_params_with_prefix() or any(p._data is None for p in net.collect_params().values()):
+            net.initialize(ctx=ctx, force_reinit=False)
+            net(mx.nd.zeros(shape, ctx=ctx))
+        quantize(net, meta["config_list"], _saved_profile(meta), meta["algorithm"], meta["ema_momentum"])
+    except (mx.base.MXNetError, KeyError, TypeError) as e:
+        raise InputError(f"cannot rebuild the quantized net ({type(e).__name__}: {str(e).strip()[:200]})",
+                         where=meta_path) from None
+    try:
+        saved = mx.nd.load(str(params))
+    except mx.base.MXNetError as e:
+        raise InputError(f"not a readable MXNet .params file ({str(e).strip().splitlines()[0][:160]})",
+                         where=params) from None
     # a net saved before its profile quantized outputs lacks their state: those outputs stay unquantized
-    missing = set(net._collect_params_with_prefix()) - set(mx.nd.load(str(params)))
+    missing = set(net._collect_params_with_prefix()) - set(saved)
     optional = all(k.rpartition(".")[2].startswith("output_state") for k in missing)
-    net.load_parameters(str(params), ctx=ctx, allow_missing=bool(missing) and optional)
+    try:
+        net.load_parameters(str(params), ctx=ctx, allow_missing=bool(missing) and optional)
+    except (AssertionError, mx.base.MXNetError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else "parameters do not fit the architecture"
+        raise InputError(f"its weights do not fit the architecture in {meta_path.name} ({msg})", where=params,
+                         fix="save and load the .params and .deployq.json of one quantized net together") from None
     if meta.get("calibration"):
         net._deployq["calibration"] = meta["calibration"]  # where calibrated ranges came from (export_scales)
-    return net
+    pre = Preprocess.from_dict(meta["preprocess"], f"{meta_path}: preprocess") if meta.get("preprocess") else None
+    if pre is None:
+        from .preprocess import mnist
+
+        pre = mnist(shape) if meta.get("model") in ("mobilenet0.25", "resnet20") else None
+    if pre is not None and tuple(pre.input_shape) != shape:
+        pre = pre.with_shape(shape)
+    return net, meta, pre
 
 
 # ---------------------------------------------------------------------- training

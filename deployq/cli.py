@@ -10,6 +10,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "deployq.commands",
     "deployq.calib.cli",
+    "deployq.qat_cli",
     "deployq.exporters.tengine.cli",
     "deployq.exporters.ncnn.cli",
     "deployq.exporters.onnx.cli",
@@ -37,16 +38,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    """Run one subcommand. A problem ends with one line on stderr and the exit code of :mod:`deployq.errors`
+    (Ctrl-C: 130); ``DEPLOYQ_DEBUG=1`` shows the traceback of an internal error."""
+    import os
+
+    from deployq.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeployqError
+
+    cmd = "deployq"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USAGE
+        cmd = f"deployq {args.command}"
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
-        print(f"deployq {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"{cmd}: interrupted; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except DeployqError as e:
+        print(f"{cmd}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"{cmd}: error: {f'{names}: {e.strerror}' if names and e.strerror else e}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        print(f"{cmd}: error: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("DEPLOYQ_DEBUG") == "1":
+            raise
+        print(f"{cmd}: internal error: {type(e).__name__}: {e} (please report; DEPLOYQ_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -57,3 +57,10 @@ class VerificationError(DeployqError):
     """An export ran but missed its verification thresholds (exit 4)."""
 
     exit_code = EXIT_VERIFY
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the command needs does not exist (exit 3; also a FileNotFoundError for Python callers)."""
+
+    def __init__(self, message: str, *, where: str | PathLike | None = None, fix: str | None = None) -> None:
+        InputError.__init__(self, message, where=where, fix=fix)

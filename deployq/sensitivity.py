@@ -157,10 +157,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sensitivity", help="per-layer sensitivity; fp32 fallback for a target drop",
                               description="Rank quantized layers by sensitivity (only-this-layer quantized / "
                                           "only-this-layer fp32) and write JSON, PNG and HTML reports.")
-    p.add_argument("--model", required=True, help="built-in model (mobilenet0.25, resnet20)")
+    from . import preprocess
+    from .images import add_data_arguments
+    from .modelargs import add_model_arguments
+
+    add_model_arguments(p, qnet=False)
+    add_data_arguments(p, help_text="evaluation images: a folder (class subfolders: accuracy; else top-1 agreement "
+                                    "with fp32) or an .npz; default for the built-in models: MNIST-5k test")
+    p.add_argument("--calib-data", default=None, help="calibration images (default: --data; MNIST-5k train for the "
+                                                      "built-in models)")
+    preprocess.add_arguments(p)
     p.add_argument("--profile", default="onnx")
-    p.add_argument("--images", type=int, default=300, help="evaluation images (MNIST-5k test)")
-    p.add_argument("--calib-images", type=int, default=300, help="calibration images (MNIST-5k train)")
+    p.add_argument("--images", type=int, default=300, help="at most this many evaluation images")
+    p.add_argument("--calib-images", type=int, default=300, help="at most this many calibration images")
     p.add_argument("--layers", nargs="*", default=None, help="only these layers (default: all)")
     p.add_argument("--target-drop", type=float, default=None,
                    help="keep the fewest layers in fp32 so that the accuracy drop is at most this (0.01 = 1%%)")
@@ -178,16 +187,33 @@ def _balanced(y: np.ndarray, n: int) -> np.ndarray:
     return class_balanced_subset(y, -(-n // classes))[:n]
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from .data import load_mnist5k
-    from .zoo import get_trained
+def _images(spec: str | None, m: Any, split: str, n: int, skip_bad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    from .errors import UsageError
+    from .images import open_data
 
-    te, tr = load_mnist5k("test"), load_mnist5k("train")
+    if spec is None:
+        if m.kind != "builtin":
+            raise UsageError(f"no --data: {m.name} is scored on your images", fix="pass --data DIR")
+        spec = "builtin"
+    d = open_data(spec, m.preprocess, split=split, skip_bad=skip_bad, quiet=True)
     # MNIST-5k is sorted by class: take class-balanced subsets, not the first N images (one to three digits)
-    ie, ic = _balanced(te.y, args.images), _balanced(tr.y, args.calib_images)
-    rep = analyse(lambda: get_trained(args.model, verbose=False), tr.x[ic], te.x[ie], te.y[ie], args.profile,
-                  args.layers, args.target_drop)
-    files = write_report(rep, args.out, args.model)
+    idx = _balanced(d.y, n) if d.y is not None else np.arange(min(n, len(d.x)))
+    return np.asarray(d.x[idx]), (None if d.y is None else d.y[idx])
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .modelargs import load_model
+
+    m = load_model(args, quiet=True)
+    x, y = _images(args.data, m, "test", args.images, args.skip_bad_images)
+    xc, _ = _images(args.calib_data or args.data, m, "train", args.calib_images, args.skip_bad_images)
+    first = [m.net]
+
+    def make_net():  # a fresh fp32 net per configuration (quantize swaps layers in place)
+        return first.pop() if first else load_model(args, quiet=True).net
+
+    rep = analyse(make_net, xc, x, y, args.profile, args.layers, args.target_drop)
+    files = write_report(rep, args.out, m.name)
     for r in rep["layers"][:10]:
         print(f"{r['layer']:<28} only-quantized SQNR {r['only_quantized']['sqnr_db']:6.1f} dB  "
               f"acc {r['only_quantized'].get('accuracy', float('nan')):.4f}  "

@@ -16,7 +16,11 @@ def register(subparsers) -> None:
     p.add_argument("export_dir")
     p.add_argument("--engine", choices=("onnxruntime", "ncnn", "mxnet"), default=None,
                    help="runtime (default: the manifest's engine)")
-    p.add_argument("--data", default="builtin", help="builtin (MNIST-5k test), an .npz or an image folder")
+    p.add_argument("--data", default=None,
+                   help="images: a folder (class subfolders = labelled: accuracy too), an .npz of preprocessed "
+                        "NxCxHxW 'x' (+ 'y'), or builtin (MNIST-5k test; the default for the built-in models). "
+                        "Folder images get the preprocessing stated in the export's manifest")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip images that cannot be decoded")
     p.add_argument("--limit", type=int, default=1000, help="at most this many images (0: all)")
     p.add_argument("--min-agreement", type=float, default=0.99, help="top-1 agreement with the simulation")
     p.add_argument("--max-error-steps", type=float, default=1.0, help="max |y - y_sim| in output steps")
@@ -34,7 +38,15 @@ def run_verify(args: argparse.Namespace) -> int:
     from .verify import Thresholds, format_report, verify
 
     t = Thresholds(args.min_agreement, args.max_error_steps, args.mean_error_steps, args.min_cosine)
-    rep = verify(args.export_dir, args.engine, args.data, args.limit or None, t, layers=not args.no_layers)
+    data = args.data
+    if data is None:
+        from .manifest import read_manifest
+
+        man = read_manifest(args.export_dir)
+        if man.get("model") in ("mobilenet0.25", "resnet20") or not man.get("preprocess"):
+            data = "builtin"
+    rep = verify(args.export_dir, args.engine, data, args.limit or None, t, layers=not args.no_layers,
+                 skip_bad=args.skip_bad_images, quiet=args.json)
     if args.json:
         json.dump(rep, sys.stdout, indent=2, default=float)
         print()

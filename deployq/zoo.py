@@ -36,10 +36,12 @@ def get_model(name: str, classes: int = 10) -> gluon.HybridBlock:
 
     gname = BUILTIN_MODELS.get(name, (name, 0))[0]
     try:
-        return _get(gname, classes=classes, pretrained=False)
+        net = _get(gname, classes=classes, pretrained=False)
     except ValueError as e:
         raise ValueError(f"unknown model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)} "
                          f"(or any gluoncv classification model name)") from e
+    net._deployq_arch = {"kind": "gluoncv", "name": name, "classes": classes}  # how deployq.save rebuilds it
+    return net
 
 
 def seed_everything(seed: int) -> None:

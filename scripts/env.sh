@@ -12,6 +12,11 @@ if [ ! -x "$root/.venv/bin/python" ] || [ "$root/pyproject.toml" -nt "$root/.ven
   "$root/.venv/bin/python" -m pip install -q -e "$root[dev]" 2>&1 | { grep -v -e "^WARNING: Location" || true; }
   touch "$root/.venv/.deployq-installed"
 fi
+# the native libraries (deployq/native/*.cc) are compiled next to the package against the installed mxnet; without
+# a compiler deployq warns once and runs its NumPy/MXNet fallback (same results, slower)
+if [ ! -e "$root/deployq/native/libdeployq_fakequant.so" ] || [ ! -e "$root/deployq/native/libdeployq_calibops.so" ]; then
+  "$root/.venv/bin/python" -m deployq.native >/dev/null || echo "deployq: native libraries not built (fallback in use)" >&2
+fi
 # shellcheck disable=SC1091
 . "$root/.venv/bin/activate"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" MXNET_SUBGRAPH_VERBOSE=0 PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"

@@ -11,6 +11,7 @@ from deployq.exporters.onnx.export import export_qnet
 import deployq
 from deployq.cli import main
 from deployq.data import load_mnist5k
+from deployq.errors import InputError
 from deployq.layerwise import calibrate_minmax
 from deployq.verify import Thresholds, load_data, verify
 from deployq.zoo import get_trained
@@ -56,12 +57,12 @@ def test_bad_inputs(export_dir, tmp_path):
         verify(tmp_path)
     with pytest.raises(ValueError, match="unknown engine"):
         verify(export_dir, "tensorrt")
-    with pytest.raises(ValueError, match="builtin"):
+    with pytest.raises(InputError, match="no such file or folder"):
         load_data("nonsense", (1, 3, 32, 32))
     np.savez(tmp_path / "bad.npz", x=np.zeros((2, 3, 8, 8), np.float32))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(InputError, match="shape"):
         load_data(str(tmp_path / "bad.npz"), (1, 3, 32, 32))
-    assert main(["verify", str(tmp_path)]) == 1
+    assert main(["verify", str(tmp_path)]) == 3  # bad input (deployq.errors)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +134,8 @@ def test_symbol_route_verifies_from_files(tmp_path):
                                                    **{f"aux:{k}": v for k, v in aux.items()}})
     (tmp_path / "s.json").write_text(json.dumps(deployq.export_scales(qnet, "resnet20")))
     assert main(["export-ncnn", "--symbol", str(tmp_path / "m-symbol.json"), "--params",
-                 str(tmp_path / "m-0000.params"), "--scales", str(tmp_path / "s.json"), "--out",
-                 str(tmp_path / "o")]) == 0
+                 str(tmp_path / "m-0000.params"), "--scales", str(tmp_path / "s.json"), "--input-shape",
+                 "1,3,32,32", "--out", str(tmp_path / "o")]) == 0
     rep = verify(tmp_path / "o", limit=200)
     assert rep["reference"] == "MXNet files + scale file" and rep["passed"], rep["breaches"]
     assert rep["agreement_sim"] == 1.0 and len(rep["layers"]) == 22

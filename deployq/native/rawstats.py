@@ -1,10 +1,10 @@
 """Calibration statistics read from the memory of MXNet's output NDArrays in their oneDNN layout
 (``rawstats.cc``: ``dq_raw_stats``), without reordering them to NCHW first.
 
-A plain C library (ctypes, not an MXNet operator) built against the headers of the MXNet wheel, like the
-operator libraries of ``deployq.native`` (cached per source, MXNet version and CPU flags). It needs MXNet 1.9
-built with oneDNN (the pinned pip wheel); elsewhere, or with ``DEPLOYQ_NATIVE=0``, :func:`load` returns None and
-deployq.calib uses the in-graph operator ``dq_calib_stats`` or NumPy (same numbers, slower).
+A plain C library (ctypes, not an MXNet operator) built at install against the headers of the MXNet wheel, like
+the operator libraries of ``deployq.native``. It needs MXNet 1.9 built with oneDNN (the pinned pip wheel);
+elsewhere, when it was not built, or with ``DEPLOYQ_NATIVE=0``, :func:`load` returns None and deployq.calib uses
+the in-graph operator ``dq_calib_stats`` or NumPy (same numbers, slower).
 """
 
 from __future__ import annotations
@@ -12,38 +12,29 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import warnings
-from pathlib import Path
 
 import numpy as np
 
-from . import avx512_flags, built_library
+from . import enabled, installed_library
 
-SOURCE = Path(__file__).with_name("rawstats.cc")
 #: statistics modes of calibstats.h, as dq_calib_stats names them
 MODES = {"range": 0, "clip": 1, "hist": 2, "pow2": 3}
-_FLAGS = ("-DMXNET_USE_MKLDNN=1", "-DMSHADOW_USE_CBLAS=0", "-DMSHADOW_USE_MKL=0", "-DMSHADOW_USE_CUDA=0",
-          "-DMXNET_USE_CUDA=0", "-DDMLC_USE_CXX11=1")
 
 
 @functools.lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The loaded library, or None where it does not apply (no oneDNN, another MXNet than 1.9) or cannot be built
-    (a warning names why)."""
-    if os.environ.get("DEPLOYQ_NATIVE", "1") == "0":
+    (a warning line names why)."""
+    if not enabled():
         return None
     import mxnet as mx
 
     if not mx.__version__.startswith("1.9.") or not mx.runtime.Features().is_enabled("MKLDNN"):
         return None  # the mirrored MKLDNNMemory layout is MXNet 1.9's; nothing to read in place without oneDNN
-    mxdir = Path(mx.__file__).parent
-    flags = (*_FLAGS, "-fopenmp", *avx512_flags(), f"-I{mxdir / 'include' / 'mkldnn'}")
-    try:
-        lib = ctypes.CDLL(str(built_library(SOURCE, "libdeployq_rawstats", flags, lib_api=False)))
-    except (RuntimeError, OSError) as e:
-        warnings.warn(f"deployq: in-place activation reader unavailable ({e}); calibration reorders activations "
-                      "(same results, slower)", RuntimeWarning, stacklevel=2)
+    path = installed_library("libdeployq_rawstats", "calibration reorders activations (same results, slower)")
+    if path is None:
         return None
+    lib = ctypes.CDLL(str(path))
     lib.dq_raw_stats.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_void_p]
     lib.dq_raw_stats.restype = ctypes.c_int

@@ -61,7 +61,7 @@ OP_ATTRS: dict[str, dict[str, tuple[Parser, Any]]] = {
 SUPPORTED_OPS: tuple[str, ...] = tuple(OP_ATTRS)
 #: MXNet aliases written by some front ends, mapped to the canonical op name.
 OP_ALIASES = {"_Plus": "elemwise_add", "_plus": "elemwise_add", "_add": "elemwise_add",
-              "Softmax": "SoftmaxOutput"}
+              "Softmax": "SoftmaxOutput", "relu": "Activation"}  # relu: Activation's default act_type
 
 
 def parse_attrs(op: str, raw: dict[str, str], where: str) -> dict[str, Any]:

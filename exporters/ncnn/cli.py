@@ -17,6 +17,10 @@ from deployq.exporters.ncnn.export import (
     minmax_calibrate,
 )
 
+from deployq import preprocess
+from deployq.errors import UsageError
+from deployq.modelargs import add_model_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -25,19 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "<name>.param/.bin (fp32), <name>-int8.param/.bin (int8), <name>.scales.json and "
                     "deployq-export.json (for deployq verify) with the saved quantized net (--model, --qnet) "
                     "or a copy of the MXNet json/params (--symbol).")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="built-in model: cached fp32 weights; min-max calibration on MNIST-5k train, "
-                                     "or the thresholds of --scales")
-    src.add_argument("--qnet", help="a quantized net saved with deployq.save (<path>.params + .deployq.json)")
-    src.add_argument("--symbol", help="MXNet symbol JSON (with --params and --scales)")
-    p.add_argument("--params", help="MXNet .params for --symbol")
-    p.add_argument("--scales", help="deployq scale file (JSON): required with --symbol; with --model its "
-                                    "thresholds replace the min-max calibration (deployq calibrate writes one)")
-    p.add_argument("--config", help="--model: a deployq config list (JSON), e.g. the config_list.json of "
+    add_model_arguments(p)
+    p.add_argument("--scales", help="deployq scale file (deployq calibrate): required for --symbol and a gluoncv "
+                                    "--model; for a built-in --model its thresholds replace the min-max calibration "
+                                    "on MNIST-5k")
+    p.add_argument("--config", help="--model/--symbol: a deployq config list (JSON), e.g. the config_list.json of "
                                     "deployq sensitivity --target-drop; excluded layers stay fp32 (no table lines)")
+    preprocess.add_arguments(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", help="file name stem (default: the model name)")
-    p.add_argument("--calib-per-class", type=int, default=100, help="calibration images per class (--model)")
+    p.add_argument("--calib-per-class", type=int, default=100,
+                   help="built-in --model without --scales: MNIST-5k calibration images per class")
     p.add_argument("--winograd-3x3", choices=("disable", "six_bit"), default="disable",
                    help="int8 3x3 stride-1 convs: disable winograd (31=64) or train/quantize 6-bit weights")
     p.set_defaults(func=run)
@@ -68,48 +70,53 @@ def _apply_scales(net, path: str) -> None:
     calib.apply(net, sf)
 
 
-def _quantized_builtin(args: argparse.Namespace):
+def _quantized(args: argparse.Namespace, m):
+    """The fp32 model of --model/--symbol quantized on ncnn's grid, with the scale file's ranges (built-in models:
+    min-max on MNIST-5k without one)."""
     import deployq
-    from deployq.zoo import get_trained
 
     config = _read_config(args.config) if args.config else None
-    net = get_trained(args.model, verbose=False)
     prof = deployq.load_profile("ncnn").with_options(winograd_3x3=args.winograd_3x3)
-    deployq.quantize(net, config, profile=prof)
-    if not deployq.quant_layers(net):
-        raise ValueError(f"--config {args.config}: it excludes every layer; nothing to quantize")
+    deployq.quantize(m.net, config, profile=prof)
+    if not deployq.quant_layers(m.net):
+        raise UsageError(f"--config {args.config}: it excludes every layer; nothing to quantize")
     if args.scales:
-        _apply_scales(net, args.scales)
+        _apply_scales(m.net, args.scales)
+    elif m.kind == "builtin":
+        minmax_calibrate(m.net, balanced_images(args.calib_per_class))
     else:
-        minmax_calibrate(net, balanced_images(args.calib_per_class))
-    return net
+        raise UsageError(f"no --scales: {m.name} needs ranges calibrated on your images",
+                         fix="run deployq calibrate with this model and --data DIR, then pass --scales FILE")
+    return m.net
 
 
 def run(args: argparse.Namespace) -> int:
-    import deployq
+    from deployq.atomic import check_target, safe_stem
+    from deployq.modelargs import load_model
 
-    if args.config and not args.model:
-        raise ValueError("--config applies to --model (a saved --qnet keeps the config it was quantized with; "
-                         "for --symbol, leave the fp32 layers out of the scale file)")
-    if args.params and not args.symbol:
-        raise ValueError("--params applies to --symbol only")
+    check_target(args.out)  # before any work: an --out that cannot hold an export, or a bad --name, is refused
+    if args.name is not None:
+        safe_stem(args.name)
+    if args.qnet and args.scales:
+        raise UsageError("--scales does not apply to --qnet: a saved quantized net carries its own calibrated ranges "
+                         "(to use a scale file, export the fp32 model with --scales FILE)")
+    if args.qnet and args.config:
+        raise UsageError("--config does not apply to --qnet: a saved quantized net keeps the config it was "
+                         "quantized with")
+    files_route = bool(args.symbol) and not args.config and args.winograd_3x3 == "disable"
+    m = load_model(args, preprocess.from_scale_file(args.scales), quiet=True, build_symbol=not files_route)
+    name = args.name or (Path(args.qnet).name.removesuffix(".params").removesuffix(".deployq.json") if args.qnet
+                         else m.name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CaffeSkippedWarning)
-        if args.symbol:
-            if not (args.params and args.scales):
-                raise ValueError("--symbol needs --params and --scales")
-            files = export_files(args.symbol, args.params, args.scales, args.out, args.name)
-        elif args.qnet:
-            if args.scales:
-                raise ValueError("--scales does not apply to --qnet: a saved quantized net carries its own "
-                                 "calibrated ranges (to use a scale file, export with --model NAME --scales FILE)")
-            qnet = deployq.load(args.qnet)
-            base = args.qnet.removesuffix(".params").removesuffix(".deployq.json")
-            model = json.loads(Path(f"{base}.deployq.json").read_text()).get("model") or None
-            files = export_qnet(qnet, args.out, args.name or Path(base).name, model_name=model)
+        if files_route:
+            if not args.scales:
+                raise UsageError("--symbol needs --scales (deployq calibrate --symbol ... --data DIR writes one)")
+            files = export_files(args.symbol, args.params, args.scales, args.out, name, preprocess=m.preprocess)
+        elif m.quantized:
+            files = export_qnet(m.net, args.out, name, model_name=m.name, preprocess=m.preprocess)
         else:
-            net = _quantized_builtin(args)
-            files = export_qnet(net, args.out, args.name or args.model, model_name=args.model)
+            files = export_qnet(_quantized(args, m), args.out, name, model_name=m.name, preprocess=m.preprocess)
     for w in caught:
         if issubclass(w.category, CaffeSkippedWarning):
             print(f"deployq export-ncnn: warning: {w.message}", file=sys.stderr)

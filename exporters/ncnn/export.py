@@ -3,14 +3,13 @@ plus what ``deployq verify`` needs (the ``deployq-export.json`` manifest and the
 the json/params route a copy of the fp32 MXNet files).
 
 Every file is built in memory first (the saved net through a scratch folder outside the export), then written
-under temporary names in the export folder and renamed at the end, the manifest last; an error leaves nothing
-half-written (and no new empty folder).
+into a temporary sibling folder that replaces the export folder as a whole (``deployq.atomic.export_dir``): the
+folder holds the whole new export or, after an error, the previous one (a fresh folder is not created).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -129,9 +128,9 @@ def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> tuple[dict[str, bytes
 
 
 def _manifest(contents: dict[str, bytes], names: dict[str, str], int8: NcnnModel, gq: Graph, model: str,
-              input_shape: tuple[int, ...], profile: str | None, route: str) -> bytes:
+              input_shape: tuple[int, ...], profile: str | None, route: str, preprocess: Any = None) -> bytes:
     import deployq
-    from deployq.manifest import manifest_bytes
+    from deployq.manifest import manifest_bytes, sha256_bytes
 
     rel = {"param": names["int8_param"], "bin": names["int8_bin"], "fp32_param": names["fp32_param"],
            "fp32_bin": names["fp32_bin"], "table": names["table"], "scales": names["scales"]}
@@ -141,81 +140,92 @@ def _manifest(contents: dict[str, bytes], names: dict[str, str], int8: NcnnModel
         rel["symbol"], rel["params"] = names["symbol"], names["params"]
     if "prototxt" in contents:
         rel["prototxt"], rel["caffemodel"] = names["prototxt"], names["caffemodel"]
+    if "usage" in contents:
+        rel["usage"] = names["usage"]
+    extra = {"preprocess": {**preprocess.to_dict(), "ncnn": preprocess.ncnn()}} if preprocess is not None else {}
     blobs, info = layer_outputs(int8, gq)
+    sha = sha256_bytes({names[k]: v for k, v in contents.items() if k != MANIFEST_KEY})
     return manifest_bytes("ncnn", model, input_shape, rel, blobs, f"deployq {deployq.__version__} export-ncnn "
-                          f"({route})", profile=profile or "ncnn", outputs=output_blobs(int8), layer_outputs=info)
+                          f"({route})", sha, profile=profile or "ncnn", outputs=output_blobs(int8),
+                          layer_outputs=info, **extra)
 
 
 def write_all(contents: dict[str, bytes], out_dir: str | Path, names: dict[str, str]) -> dict[str, Path]:
-    """Write every file under a temporary name, then rename them all, ``manifest`` last (nothing half-written
-    on error; a folder this call created is removed again)."""
+    """Write every file into a temporary sibling of ``out_dir`` that is swapped in as a whole
+    (:func:`deployq.atomic.export_dir`): ``out_dir`` holds the whole new export, or after an error the previous
+    one, untouched."""
+    from deployq.atomic import export_dir, safe_stem
+
+    for k in contents:
+        safe_stem(names[k], f"file name of {k!r}")
     out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    order = [k for k in contents if k != MANIFEST_KEY] + [k for k in contents if k == MANIFEST_KEY]
-    final = {k: out / names[k] for k in order}
-    tmps = {k: p.with_name(f".{p.name}.tmp{os.getpid()}") for k, p in final.items()}
-    done = False
-    try:
-        for k in order:
-            tmps[k].write_bytes(contents[k])
-        for k in order:
-            os.replace(tmps[k], final[k])
-        done = True
-    finally:
-        for t in tmps.values():
-            t.unlink(missing_ok=True)
-        if not done and created:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
-    return final
+    with export_dir(out) as tmp:
+        for k, data in contents.items():
+            (tmp / names[k]).write_bytes(data)
+    return {k: out / names[k] for k in contents}
 
 
 def _names(stem: str, keys: Any) -> dict[str, str]:
     table = {**SUFFIXES, **QNET_SUFFIXES, **FILES_SUFFIXES}
-    names = {k: f"{stem}{table[k]}" for k in keys if k != MANIFEST_KEY}
+    names = {k: f"{stem}{table[k]}" for k in keys if k not in (MANIFEST_KEY, "usage")}
     names[MANIFEST_KEY] = "deployq-export.json"
+    names["usage"] = "USAGE.txt"
     return names
 
 
-def _qnet_bytes(qnet: Any, model_name: str, input_shape: tuple[int, ...]) -> dict[str, bytes]:
+def _qnet_bytes(qnet: Any, model_name: str, input_shape: tuple[int, ...], preprocess: Any = None
+                ) -> dict[str, bytes]:
     """``deployq.save`` output, through a scratch folder outside the export."""
     import deployq
 
     with tempfile.TemporaryDirectory(prefix="deployq-qnet-") as d:
-        params, meta = deployq.save(qnet, Path(d) / "qnet", model_name=model_name, input_shape=input_shape)
+        params, meta = deployq.save(qnet, Path(d) / "qnet", model_name=model_name, input_shape=input_shape,
+                                    preprocess=preprocess)
         return {"qnet_params": params.read_bytes(), "qnet_meta": meta.read_bytes()}
 
 
+def _usage(contents: dict[str, bytes], names: dict[str, str], preprocess: Any) -> None:
+    from deployq.preprocess import usage_text
+
+    if preprocess is not None:
+        contents["usage"] = usage_text(preprocess, "ncnn", names).encode()
+
+
 def export_qnet(qnet: Any, out_dir: str | Path, name: str = "model",
-                input_shape: tuple[int, ...] = (1, 3, 32, 32), model_name: str | None = None) -> dict[str, Path]:
+                input_shape: tuple[int, ...] | None = None, model_name: str | None = None,
+                preprocess: Any = None) -> dict[str, Path]:
     """Export a deployq-quantized net; returns {key: path} of every file written (manifest included).
-    ``model_name``: the built-in model the saved net is rebuilt from (default ``name``)."""
+    ``model_name``: the model's name in the manifest (default ``name``); ``preprocess``: a
+    :class:`deployq.preprocess.Preprocess` stated in the manifest and ``USAGE.txt`` (its input shape is the
+    model's, unless ``input_shape`` is given)."""
+    input_shape = tuple(input_shape or (preprocess.input_shape if preprocess is not None else (1, 3, 32, 32)))
     from deployq import export_scales
 
     g, gq = qnet_graphs(qnet, name, input_shape)
     contents, int8 = render(g, gq, export_scales(qnet, model_name or name))
-    contents.update(_qnet_bytes(qnet, model_name or name, input_shape))
-    names = _names(name, [*contents, MANIFEST_KEY])
+    contents.update(_qnet_bytes(qnet, model_name or name, input_shape, preprocess))
+    names = _names(name, [*contents, "usage", MANIFEST_KEY])
+    _usage(contents, names, preprocess)
     profile = getattr(qnet, "_deployq", {}).get("profile")
     contents[MANIFEST_KEY] = _manifest(contents, names, int8, gq, model_name or name, input_shape, profile,
-                                       "quantized net")
+                                       "quantized net", preprocess)
     return write_all(contents, out_dir, names)
 
 
 def export_files(symbol: str | Path, params: str | Path, scales_path: str | Path, out_dir: str | Path,
-                 name: str | None = None, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, Path]:
+                 name: str | None = None, input_shape: tuple[int, ...] | None = None,
+                 preprocess: Any = None) -> dict[str, Path]:
     """Export an MXNet json/params pair with a scale file; the pair is copied into the export (as
     ``<name>-symbol.json``/``<name>-0000.params``) so that ``deployq verify`` can rebuild the simulation."""
     scales = load_scale_file(scales_path)
+    input_shape = tuple(input_shape or (preprocess.input_shape if preprocess is not None else (1, 3, 32, 32)))
     name = name or Path(symbol).name.removesuffix(".json").removesuffix("-symbol")
     g, gq = file_graphs(symbol, params, scales, str(scales_path), input_shape)
     contents, int8 = render(g, gq, scales)
     contents["symbol"], contents["params"] = Path(symbol).read_bytes(), Path(params).read_bytes()
-    names = _names(name, [*contents, MANIFEST_KEY])
+    names = _names(name, [*contents, "usage", MANIFEST_KEY])
+    _usage(contents, names, preprocess)
     model = (scales.get("model") or {}).get("name") or name
     contents[MANIFEST_KEY] = _manifest(contents, names, int8, gq, model, input_shape, "ncnn",
-                                       "json/params + scale file")
+                                       "json/params + scale file", preprocess)
     return write_all(contents, out_dir, names)

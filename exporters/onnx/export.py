@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -374,13 +375,14 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 
 def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
-                input_shape: tuple[int, ...] = (1, 3, 32, 32), fp32: bool = True,
-                int32_bias: bool | None = None) -> dict[str, Path]:
+                input_shape: tuple[int, ...] | None = None, fp32: bool = True,
+                int32_bias: bool | None = None, preprocess: Any = None) -> dict[str, Path]:
     """Export a deployq-quantized Gluon net to ``out_dir``: ``model.onnx`` (QDQ), ``model.fp32.onnx``,
     ``scales.json``, the saved quantized net ``qnet.params``/``qnet.deployq.json`` and the manifest.
 
     Layers the config list keeps in fp32 get no QDQ. ``int32_bias`` (default: the net's profile says
     ``"bias": "int32"``) writes the biases of quantized layers as int32 codes (see ``OnnxContext.bias``).
+    ``preprocess`` (a :class:`deployq.preprocess.Preprocess`) is stated in the manifest and ``USAGE.txt``.
     Re-running gives byte-identical files.
     """
     import json
@@ -392,6 +394,7 @@ def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
 
     import deployq
     import deployq.api
+    from deployq.atomic import export_dir
     from deployq.manifest import write_manifest
 
     layers = deployq.quant_layers(qnet)
@@ -407,19 +410,29 @@ def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
                       f"and get no QuantizeLinear, so onnxruntime cannot run the ops around them on integers. Set "
                       f"them with deployq.layerwise.calibrate_outputs(qnet, images).", stacklevel=2)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    input_shape = tuple(input_shape or (preprocess.input_shape if preprocess is not None else (1, 3, 32, 32)))
     g = optimize(from_gluon(qnet, input_shape, name=model_name))
     gq = attach_qnet(g, qnet)
     files = {"model": "model.onnx", "scales": "scales.json", "qnet": "qnet"}
-    save_onnx(to_onnx(gq, quantize=True, int32_bias=int32_bias), out / files["model"])
+    models = {"model": to_onnx(gq, quantize=True, int32_bias=int32_bias)}
     if fp32:
         files["fp32"] = "model.fp32.onnx"
-        save_onnx(to_onnx(g, quantize=False), out / files["fp32"])
+        models["fp32"] = to_onnx(g, quantize=False)
     scales = deployq.export_scales(qnet, model_name)
-    write_atomic(out / files["scales"], (json.dumps(scales, indent=2, sort_keys=True) + "\n").encode())
-    deployq.save(qnet, out / files["qnet"], model_name, input_shape)
     tensors = {path: path for path in layers}  # runtime tensor of each layer's output
-    write_manifest(out, "onnxruntime", model_name, input_shape, files, tensors,
-                   f"deployq {deployq.__version__} export-onnx", profile=getattr(qnet, "_deployq", {}).get("profile"),
-                   outputs=list(g.outputs))
+    with export_dir(out) as tmp:  # every file appears at once, with the manifest (SHA-256 of each file)
+        for key, model in models.items():
+            save_onnx(model, tmp / files[key])
+        (tmp / files["scales"]).write_bytes((json.dumps(scales, indent=2, sort_keys=True) + "\n").encode())
+        deployq.save(qnet, tmp / files["qnet"], model_name, input_shape, preprocess=preprocess)
+        extra = {}
+        if preprocess is not None:
+            from deployq.preprocess import usage_text
+
+            files["usage"] = "USAGE.txt"
+            (tmp / files["usage"]).write_text(usage_text(preprocess, "onnx", {"onnx": files["model"]}))
+            extra["preprocess"] = preprocess.to_dict()
+        write_manifest(tmp, "onnxruntime", model_name, input_shape, files, tensors,
+                       f"deployq {deployq.__version__} export-onnx",
+                       profile=getattr(qnet, "_deployq", {}).get("profile"), outputs=list(g.outputs), **extra)
     return {k: out / v for k, v in files.items()}

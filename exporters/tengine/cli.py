@@ -15,7 +15,10 @@ from deployq.exporters.ir.passes import optimize
 from deployq.exporters.tengine.lower import lower_model, refuse_mixed_precision
 from deployq.exporters.tengine.writer import write
 
-import deployq
+from deployq import preprocess
+from deployq.errors import DeployqError, UsageError
+from deployq.images import add_data_arguments
+from deployq.modelargs import add_model_arguments
 
 CALIB_BATCH = 128
 
@@ -33,7 +36,7 @@ def calibration_images(n: int) -> list[np.ndarray]:
 
 def export_tengine(graph: Graph, out_dir: str | Path, name: str | None = None,
                    calib: list[np.ndarray] | None = None, scales: dict | None = None,
-                   scales_where: str = "scale file") -> tuple[list[Path], list[str]]:
+                   scales_where: str = "scale file", preprocess=None) -> tuple[list[Path], list[str]]:
     """Annotate ``graph`` with ``scales`` (they win), calibrate the other tensors on ``calib``, lower and
     write. Returns the written paths and the warnings."""
     if scales is not None:
@@ -43,7 +46,7 @@ def export_tengine(graph: Graph, out_dir: str | Path, name: str | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exp = lower_model(graph, calib, name=name or graph.name)
-    return write(exp, out_dir, name or graph.name), exp.warnings
+    return write(exp, out_dir, name or graph.name, preprocess), exp.warnings
 
 
 def graph_from_qnet(qnet, input_shape: tuple[int, ...] = (1, 3, 32, 32), name: str = "model") -> Graph:
@@ -54,42 +57,66 @@ def graph_from_qnet(qnet, input_shape: tuple[int, ...] = (1, 3, 32, 32), name: s
     return attach_qnet(optimize(from_gluon(qnet, input_shape, name=name)), qnet)
 
 
-def _load_graph(args: argparse.Namespace) -> Graph:
-    shape = tuple(int(v) for v in args.input_shape.split(","))
-    sources = [bool(args.model), bool(args.symbol or args.params), bool(args.qnet)]
-    if sum(sources) != 1:
-        raise ValueError("give exactly one of: a model name, --symbol/--params, --qnet")
-    if args.qnet:
-        return graph_from_qnet(deployq.load(args.qnet), shape, Path(args.qnet).name.split(".")[0])
-    if args.symbol or args.params:
-        if not (args.symbol and args.params):
-            raise ValueError("--symbol and --params go together")
-        return from_files(args.symbol, args.params, shape)
-    if not args.model:
-        raise ValueError("give a model name (built-in: mobilenet0.25, resnet20) or --symbol/--params")
-    from deployq.zoo import BUILTIN_MODELS, get_model, get_trained
+def _load_graph(args: argparse.Namespace):
+    """(IR graph, LoadedModel) of --model / --symbol / --qnet, at the input shape of the preprocessing."""
 
-    if args.model in BUILTIN_MODELS:
-        net = get_trained(args.model, verbose=False)
-    else:
-        import mxnet as mx
+    from deployq.modelargs import load_model
 
-        net = get_model(args.model)
-        net.initialize(mx.init.Xavier())
-        print(f"warning: {args.model} is not a built-in model; exporting random weights", file=sys.stderr)
-    return from_gluon(net, shape, name=args.model)
+    if args.model_pos:
+        if args.model or args.symbol or args.qnet:
+            raise UsageError(f"give the model once: {args.model_pos!r} and --model/--symbol/--qnet")
+        args.model = args.model_pos
+    m = load_model(args, preprocess.from_scale_file(args.scales), quiet=True, build_symbol=False)
+    shape = m.preprocess.input_shape
+    if m.kind == "qnet":
+        return graph_from_qnet(m.net, shape, m.name), m
+    if m.kind == "symbol":
+        return from_files(args.symbol, args.params, shape), m
+    return from_gluon(m.net, shape, name=m.name), m
+
+
+def _calibration(args: argparse.Namespace, m, graph: Graph, scales: dict | None) -> list[np.ndarray] | None:
+    """Min-max calibration batches for the tensors the scale file / saved net leaves without a range: --data
+    (with the model's preprocessing), or MNIST-5k for the built-in models; None when none is needed."""
+    if args.data == "builtin":  # MNIST-5k, class-balanced (its training set is sorted by class)
+        if tuple(m.preprocess.input_shape[1:]) != (3, 32, 32):
+            raise UsageError(f"--data builtin: MNIST-5k images are 3x32x32, the net takes {m.preprocess.input_shape}")
+        return calibration_images(args.calib_samples or 256)
+    if args.data:
+        from deployq.images import open_data
+
+        x = open_data(args.data, m.preprocess, limit=args.limit or args.calib_samples or None,
+                      skip_bad=args.skip_bad_images).x
+        return [x[i:i + CALIB_BATCH] for i in range(0, len(x), CALIB_BATCH)]
+    if m.kind == "builtin" or (m.kind == "qnet" and m.name in ("mobilenet0.25", "resnet20")):
+        return calibration_images(args.calib_samples) if args.calib_samples > 0 else None
+    return None
 
 
 def run_export_tengine(args: argparse.Namespace) -> int:
-    """Run the subcommand; returns the exit status (2 on bad input, nothing written)."""
+    """Run the subcommand; returns the exit status (2/3 on bad input, nothing written)."""
+    from deployq.exporters.tengine.lower import TengineExportError
+
     try:
-        graph = _load_graph(args)
+        graph, m = _load_graph(args)
         scales = load_scale_file(args.scales) if args.scales else None
-        calib = calibration_images(args.calib_samples) if args.calib_samples > 0 else None
-        paths, notes = export_tengine(graph, args.out, args.name, calib, scales, str(args.scales))
+        calib = _calibration(args, m, graph, scales)
+        try:
+            paths, notes = export_tengine(graph, args.out, args.name or m.name, calib, scales, str(args.scales),
+                                          preprocess=m.preprocess)
+        except TengineExportError as e:
+            if calib is None and "has no threshold" in str(e):
+                raise UsageError(f"{e}. Tengine's scale table needs every tensor's range, the "
+                                 + ("scale file gives only the layer inputs" if scales else "model has none"),
+                                 fix="pass --data DIR (your calibration images): deployq min-max calibrates the "
+                                     "other tensors on them") from None
+            raise
     except (ValueError, OSError) as e:
         print(f"deployq export-tengine: error: {e}", file=sys.stderr)
         return 2
+    except DeployqError as e:
+        print(f"deployq export-tengine: error: {e}", file=sys.stderr)
+        return e.exit_code
     for msg in notes:
         print(f"warning: {msg}", file=sys.stderr)
     for p in paths:
@@ -105,15 +132,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "(min-max) unless a scale file gives it, and write <name>-symbol.json, "
                     "<name>-0000.params (for Tengine's convert_tool), <name>.scale (quant_tool_int8 -f) "
                     "and <name>.scales.json.")
-    p.add_argument("model", nargs="?", help="built-in model (mobilenet0.25, resnet20) or gluoncv model name")
-    p.add_argument("--symbol", help="MXNet x-symbol.json (with --params)")
-    p.add_argument("--params", help="MXNet x-0000.params (legacy format)")
-    p.add_argument("--qnet", help="a quantized net saved with deployq.save (<name>.params + .deployq.json)")
-    p.add_argument("--scales", help="deployq scale file (JSON); its thresholds win over calibration")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model NAME")
+    add_model_arguments(p)
+    p.add_argument("--scales", help="deployq scale file (deployq calibrate, or a Tengine export's "
+                                    "<name>.scales.json); its thresholds win over calibration")
     p.add_argument("--out", default="exports", help="output directory (default: exports)")
     p.add_argument("--name", help="base name of the files (default: the model name)")
-    p.add_argument("--calib-samples", type=int, default=256, help="class-balanced MNIST-5k train images to calibrate")
-    p.add_argument("--input-shape", default="1,3,32,32", help="N,C,H,W (default 1,3,32,32)")
+    add_data_arguments(p, help_text="images to min-max calibrate the tensors the scale file leaves without a range "
+                                    "(Tengine needs every tensor's): a folder or an .npz; default for the built-in "
+                                    "models: MNIST-5k train")
+    p.add_argument("--calib-samples", type=int, default=256,
+                   help="at most this many calibration images (class-balanced MNIST-5k for the built-in models)")
+    preprocess.add_arguments(p)
     p.set_defaults(func=run_export_tengine)
     return p
 

@@ -1,14 +1,12 @@
 """Serialise a lowered :class:`~deployq.exporters.tengine.TengineExport`: MXNet json/params, Tengine's
-scale table and deployq's JSON scale file. No decisions here; files appear atomically (temporary names, then
-rename)."""
+scale table, deployq's JSON scale file and the manifest. No decisions here; the export folder appears as a whole
+(``deployq.atomic.export_dir``)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import mxnet as mx
@@ -58,24 +56,32 @@ def scale_file_dict(exp: TengineExport) -> dict:
     return scale_file(exp).to_dict()
 
 
-def write(exp: TengineExport, out_dir: str | Path, name: str | None = None) -> list[Path]:
-    """Write ``<name>-symbol.json``, ``<name>-0000.params`` (legacy float32), ``<name>.scale`` (Tengine table)
-    and ``<name>.scales.json`` into ``out_dir``; returns the paths. Nothing is left behind on error."""
-    out_dir, name = Path(out_dir), name or exp.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"json": out_dir / f"{name}-symbol.json", "params": out_dir / f"{name}-0000.params",
-             "table": out_dir / f"{name}.scale", "scales": out_dir / f"{name}.scales.json"}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
-    try:
+def write(exp: TengineExport, out_dir: str | Path, name: str | None = None, preprocess: Any = None) -> list[Path]:
+    """Write ``<name>-symbol.json``, ``<name>-0000.params`` (legacy float32), ``<name>.scale`` (Tengine table),
+    ``<name>.scales.json`` and the manifest ``deployq-export.json`` (with every file's SHA-256) as one export
+    folder ``out_dir`` (:func:`deployq.atomic.export_dir`: the whole new export, or after an error the previous
+    one); returns the paths of the four model files."""
+    from deployq.atomic import export_dir, safe_stem
+    from deployq.manifest import MANIFEST, manifest_bytes, sha256_folder
+
+    out_dir, name = Path(out_dir), safe_stem(name or exp.name)
+    names = {"symbol": f"{name}-symbol.json", "params": f"{name}-0000.params", "table": f"{name}.scale",
+             "scales": f"{name}.scales.json"}
+    with export_dir(out_dir) as tmp:
         sym, args, aux = to_symbol(exp.graph)
-        sym.save(str(tmp / "json"))
+        sym.save(str(tmp / names["symbol"]))
         params = {f"arg:{k}": args[k].astype("float32") for k in sym.list_arguments() if k in args}
         params.update({f"aux:{k}": aux[k].astype("float32") for k in sym.list_auxiliary_states()})
-        mx.nd.save(str(tmp / "params"), params)
-        (tmp / "table").write_text(render_scale_table(exp))
-        (tmp / "scales").write_text(scale_file(exp).to_json())
-        for key, path in files.items():
-            os.replace(tmp / key, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return list(files.values())
+        mx.nd.save(str(tmp / names["params"]), params)
+        (tmp / names["table"]).write_text(render_scale_table(exp))
+        (tmp / names["scales"]).write_text(scale_file(exp).to_json())
+        extra = {}
+        if preprocess is not None:  # the app code's and quant_tool_int8's preprocessing (USAGE.txt)
+            from deployq.preprocess import usage_text
+
+            (tmp / "USAGE.txt").write_text(usage_text(preprocess, "tengine", {"scale": names["table"]}))
+            extra = {"preprocess": {**preprocess.to_dict(), "tengine": preprocess.tengine()}}
+        (tmp / MANIFEST).write_bytes(manifest_bytes(
+            "tengine", exp.name, exp.graph.input_shape, names, exp.tensor_map,
+            f"deployq {deployq.__version__} export-tengine", sha256_folder(tmp), **extra))
+    return [out_dir / n for n in names.values()]

@@ -208,4 +208,5 @@ def test_cli_register_parses():
     register(parser.add_subparsers(dest="command"))
     a = parser.parse_args(["calibrate", "resnet20", "--method", "mse", "--num-sample", "3", "--out", "s.json",
                            "--report", "--quiet"])
-    assert (a.model, a.method, a.num_sample, a.out, a.report, a.quiet) == ("resnet20", "mse", 3, "s.json", True, True)
+    assert (a.model_pos, a.method, a.num_sample, a.out, a.report, a.quiet) == ("resnet20", "mse", 3, "s.json", True,
+                                                                              True)

@@ -139,11 +139,11 @@ def test_qnet_with_npz_and_image_folder(tmp_path, capsys, calib_images):
     (["resnet20", "--method", "kl", "--clip-guard", "2"], r"--clip-guard must be a share in \(0, 1\)"),
     (["resnet20", "--warn-clip-share", "-1"], r"--warn-clip-share must be in \[0, 1\]"),
     (["resnet20", "--num-sample", "0"], "--num-sample must be a positive integer"),
-    ([], "give exactly one of: a built-in model name, --qnet PATH"),
-    (["resnet50"], "unknown built-in model 'resnet50'"),
-    (["resnet20", "--data", "nope.npz"], "--data nope.npz: no such file"),
+    ([], "give one model: --model NAME, --symbol FILE --params FILE, --qnet PATH"),
+    (["resnet50"], "unknown model 'resnet50'"),
+    (["resnet20", "--data", "nope.npz"], "nope.npz: no such file or folder"),
     (["--qnet", "nope"], "nope.deployq.json: missing"),
-    (["resnet20", "--data", "NAN"], "NaN activations at the input of layer"),
+    (["resnet20", "--data", "NAN"], "images hold NaN or Inf values"),
     (["resnet20", "--data", "ZEROS", "--method", "kl"], "zero on every calibration image"),
     (["resnet20", "--data", "NOLABELS", "--num-sample", "2"], "has no labels"),
 ])
@@ -160,7 +160,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, msg):
     out = tmp_path / "out" / "s.json"
     rc = main(["calibrate", *argv, "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2, err
+    assert rc in (2, 3), err  # 2: usage, 3: bad input (deployq.errors)
     assert re.search(msg, err), err
     assert err.startswith("deployq calibrate: error: ")
     assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
@@ -185,7 +185,8 @@ def test_guard_rail_lines_on_stderr_despite_pythonwarnings_ignore(tmp_path):
     assert "signed tensor cut below 0.5x its max" in first[0] and "Warning" not in p.stderr
     r = load(out).tensors["features.0:input"]
     assert r.clipped_share < 0.01 and r.threshold < 0.5 * 40.0
-    assert all(ln.startswith("deployq calibrate: warning: layer") for ln in lines)
+    native = "deployq: warning: deployq's native libraries were not built"  # (an install without a compiler)
+    assert all(ln.startswith(("deployq calibrate: warning: layer", native)) for ln in lines)
 
 
 def test_simulate_calib_mode_implies_offline(tmp_path, capsys):

@@ -186,7 +186,8 @@ def test_cli_byte_identical_and_file_route(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert main(["export-ncnn", "--model", "mobilenet0.25", "--out", str(tmp_path / "b")]) == 0
     a = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert a == sorted(["deployq-export.json", "mobilenet0.25-qnet.deployq.json", "mobilenet0.25-qnet.params"]
+    assert a == sorted(["deployq-export.json", "USAGE.txt", "mobilenet0.25-qnet.deployq.json",
+                        "mobilenet0.25-qnet.params"]
                       + [f"mobilenet0.25{s}" for s in SUFFIXES.values()])
     assert sorted(ln.split()[1].rsplit("/", 1)[1] for ln in printed) == a  # every file written is printed
     assert {ln.split()[0] for ln in printed} >= {"int8_param", "manifest", "qnet_params", "qnet_meta"}
@@ -195,7 +196,7 @@ def test_cli_byte_identical_and_file_route(tmp_path, capsys):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     net = _fp32_files(tmp_path)
     args = ["export-ncnn", "--symbol", str(tmp_path / "m-symbol.json"), "--params", str(tmp_path / "m-0000.params"),
-            "--scales", str(tmp_path / "s.json"), "--out", str(tmp_path / "c")]
+            "--scales", str(tmp_path / "s.json"), "--input-shape", "1,3,32,32", "--out", str(tmp_path / "c")]
     capsys.readouterr()
     assert main(args) == 0
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
@@ -250,11 +251,11 @@ def test_cli_model_with_scale_file_and_config(tmp_path, capsys):
     capsys.readouterr()
     qnet = str(out / "resnet20-qnet")
     assert main(["export-ncnn", "--qnet", qnet, "--scales", str(tmp_path / "s.json"),
-                 "--out", str(tmp_path / "x")]) == 1
+                 "--out", str(tmp_path / "x")]) == 2
     assert "--scales does not apply to --qnet" in capsys.readouterr().err
     assert main(["export-ncnn", "--qnet", qnet, "--config", str(tmp_path / "cfg.json"),
-                 "--out", str(tmp_path / "x")]) == 1
-    assert "--config applies to --model" in capsys.readouterr().err
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--config does not apply to --qnet" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     other = calib.calibrate(get_trained("mobilenet0.25", verbose=False), balanced_images(1), method="minmax",
                             profile="ncnn", quiet=True)
@@ -278,13 +279,13 @@ def test_export_is_atomic(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="disk full"):
             export_qnet(net, tmp_path / "a", "m")
     assert not (tmp_path / "a").exists()
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "keep.txt").write_text("x")
+    export_qnet(net, tmp_path / "b", "m")  # a previous good export, which a failed re-export leaves as it was
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
     calls = []
     real = type(tmp_path).write_bytes
 
     def flaky(self, data):
-        calls.append(self.name)
+        calls.append(self.parent.name)
         if len(calls) == 6:
             raise OSError("disk full")
         return real(self, data)
@@ -293,8 +294,9 @@ def test_export_is_atomic(tmp_path, monkeypatch):
         m.setattr(type(tmp_path), "write_bytes", flaky)
         with pytest.raises(OSError, match="disk full"):
             export_qnet(net, tmp_path / "b", "m")
-    assert len(calls) == 6 and all(c.startswith(".") and ".tmp" in c for c in calls)  # temporary names only
-    assert [p.name for p in (tmp_path / "b").iterdir()] == ["keep.txt"]
+    assert len(calls) == 6 and all(c.startswith(".b.deployq-tmp-") for c in calls)  # the temporary folder only
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder, no lock file left
 
 
 @pytest.mark.parametrize("damage", ["truncated", "nan", "numpy", "other_scales", "unsupported"])
@@ -327,7 +329,7 @@ def test_cli_bad_inputs(tmp_path, capsys, damage):
         want = "unsupported op sum"
     out = tmp_path / "out"
     rc = main(["export-ncnn", "--symbol", str(sym), "--params", str(params), "--scales", str(scales),
-               "--out", str(out)])
+               "--input-shape", "1,3,32,32", "--out", str(out)])
     assert rc != 0
     assert want in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
