@@ -22,6 +22,8 @@ from .api import (  # noqa: E402
 )
 from .config import ConfigError, LayerConfig  # noqa: E402
 from .profiles import Profile, load_profile  # noqa: E402
+from .quantizers import Quantizer, register_quantizer  # noqa: E402
 
 __all__ = ["quantize", "describe", "quant_layers", "float_mode", "export_scales", "fingerprint", "save", "load",
-           "Trainer", "use_native", "ConfigError", "LayerConfig", "Profile", "load_profile", "__version__"]
+           "Trainer", "use_native", "ConfigError", "LayerConfig", "Profile", "load_profile", "Quantizer",
+           "register_quantizer", "__version__"]

@@ -3,12 +3,16 @@ bypass used when a BatchNorm is folded into the preceding convolution during tra
 
 Each quantized layer keeps the original parameters (same structural names) and adds:
 
+- ``quantizer``: the algorithm (a ``deployq.quantizers.Quantizer`` bound to the layer): how the weight, input
+  and output are quantized, the algorithm's parameters and which forward paths it runs on; the layer holds no
+  algorithm-specific code;
 - ``input_state`` ``[lo, hi, initialized, steps]``: the tracked input range (moving average initialised from the
   first training batch, updated automatically in training) and the number of training steps seen (for
   ``quant_start_step``);
 - ``output_state`` when outputs are quantized (after the layer's own activation, or after the ReLU that follows
   it when ``layer_config.output_relu``: the layer then applies that ReLU itself); an output range never trained
-  nor calibrated leaves the output unquantized in inference; ``weight_lsq_step`` / ``input_lsq_step`` for LSQ.
+  nor calibrated leaves the output unquantized in inference; the quantizer's own parameters (LSQ's
+  ``weight_lsq_step`` / ``input_lsq_step``).
 
 Weights are quantized after BatchNorm folding when the layer trains with fake BN (running statistics, the
 BatchNorm's own eps; batch statistics of the raw, unfolded convolution update the running statistics).
@@ -24,8 +28,6 @@ operator, no host synchronisation.
 
 from __future__ import annotations
 
-import math
-
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
@@ -33,13 +35,9 @@ from mxnet.gluon import nn
 
 from . import native
 from .config import LayerConfig
-from .fakequant import fake_quantize, grad_scale, round_half_even, scale_from_threshold
+from .fakequant import round_half_even
 from .profiles import Profile, TensorGrid
-
-ALGORITHMS = ("naive", "qat", "dorefa", "lsq", "bnn", "observer")
-#: algorithms whose forward the fused operators of ``deployq.native`` compute (LSQ and BNN learn or binarise
-#: their steps and use MXNet operators)
-NATIVE_ALGORITHMS = ("naive", "qat", "dorefa", "observer")
+from .quantizers import Quantizer, get_quantizer, reduce_absmax
 
 
 class _Bypass:
@@ -111,44 +109,37 @@ def _train_flag(F):
     return mx.sym.BlockGrad(_TRAIN_FLAG[0])
 
 
-def _reduce_absmax(F, w, granularity: str, groups: int, out_channels: int, ndim: int):
-    """max|w| per quantization unit, broadcastable against ``w`` (shape (O,1,...) or (1,...))."""
-    a = F.abs(w)
-    if granularity == "layer":
-        return F.reshape(F.max(a), (1,) * ndim)
-    if granularity == "group" and 1 < groups < out_channels:
-        g = F.max(F.reshape(a, (groups, -1)), axis=1)
-        return F.reshape(F.repeat(g, repeats=out_channels // groups), (-1,) + (1,) * (ndim - 1))
-    return F.reshape(F.max(F.reshape(a, (0, -1)), axis=1), (-1,) + (1,) * (ndim - 1))
-
-
 class _ActivationQuant:
     """Range tracking and fake quantization of one activation tensor (a layer's input or output, a block's
     output), shared by the quantized layers and :class:`OutputQuantizer`. Needs ``layer_config``
-    (``input_mode``, ``quant_start_step``, ``output``), ``profile``, ``algorithm`` and ``_dq_momentum``."""
+    (``input_mode``, ``quant_start_step``, ``output``), ``profile``, ``quantizer`` and ``_dq_momentum``."""
 
     layer_config: LayerConfig
     profile: Profile
     algorithm: str
+    quantizer: Quantizer
 
     def _add_param(self, name: str, shape: tuple[int, ...], init, **kw):
         prm = self.params.get(name, shape=shape, init=init, **kw)
         setattr(self, name, prm)
         return prm
 
+    def _bind_quantizer(self, algorithm: str) -> None:
+        """Build this layer's quantizer for ``algorithm`` and let it register its parameters."""
+        self.algorithm = algorithm
+        self.quantizer = get_quantizer(algorithm)(self)
+        self.quantizer.create_params()
+
     # ------------------------------------------------------------------ activations
-    def _quant_activation(self, F, x, state, scratch, anchor, grid: TensorGrid | None, lsq_step=None):
-        """Track the range of ``x`` and fake-quantize it; returns (x̂, steps_before, is_train)."""
+    def _quant_activation(self, F, x, state, scratch, anchor, grid: TensorGrid | None, p, output: bool = False):
+        """Track the range of ``x`` and fake-quantize it (the quantizer's input or, with ``output``, output
+        quantization; ``p``: the layer's parameters); returns (x̂, steps_before, is_train)."""
         bl = F.cast(F.BlockGrad(F.reshape(F.min(x), (1,))), "float64")
         bh = F.cast(F.BlockGrad(F.reshape(F.max(x), (1,))), "float64")
         old_lo, old_hi = F.slice_axis(state, axis=0, begin=0, end=1), F.slice_axis(state, axis=0, begin=1, end=2)
         init = F.slice_axis(state, axis=0, begin=2, end=3) > 0.5
         steps = F.slice_axis(state, axis=0, begin=3, end=4)
-        if self.algorithm == "observer":
-            new_lo, new_hi = F.minimum(old_lo, bl), F.maximum(old_hi, bh)
-        else:
-            m = self._dq_momentum
-            new_lo, new_hi = m * old_lo + (1 - m) * bl, m * old_hi + (1 - m) * bh
+        new_lo, new_hi = self.quantizer.update_range(F, old_lo, old_hi, bl, bh, self._dq_momentum)
         new_lo, new_hi = F.where(init, new_lo, bl), F.where(init, new_hi, bh)
         pin = _assign(F, state, F.concat(new_lo, new_hi, F.ones_like(bl), steps + 1, dim=0), scratch, anchor)
         is_train = _is_train(F, bl)
@@ -161,33 +152,11 @@ class _ActivationQuant:
             return x, steps, is_train
         if self.layer_config.input_mode == "online":
             lo, hi = F.BlockGrad(bl), F.BlockGrad(bh)
+        q = self.quantizer
+        if not output:
+            lo, hi = q.input_quant_range(F, lo, hi, p)
         self._dq_range = (lo, hi)  # the range this forward quantizes with (int32 bias grid)
-        prof = self.profile
-        if self.algorithm == "bnn":
-            c = F.clip(x, -1.0, 1.0)
-            return c + F.BlockGrad(F.where(x >= 0, F.ones_like(x), -F.ones_like(x)) - c), steps, is_train
-        if grid.symmetric:
-            if grid.signed:
-                thr = F.maximum(F.abs(lo), F.abs(hi))
-            else:
-                thr = F.relu(hi)
-            if lsq_step is not None:
-                s0 = F.BlockGrad(scale_from_threshold(F, thr, grid.qmax, "step"))
-                s = F.where(lsq_step > 0, lsq_step, s0)
-                g = F.rsqrt(grid.qmax * F.cast(F.size_array(x), "float32"))
-                s = F.broadcast_mul(s, g) + F.BlockGrad(s - F.broadcast_mul(s, g))
-                xq = fake_quantize(F, x, s, grid.qmin, grid.qmax, None, prof.rounding, "step")
-            else:
-                scale = scale_from_threshold(F, thr, grid.qmax, prof.scale_convention)
-                xq = fake_quantize(F, x, scale, grid.qmin, grid.qmax, None, prof.rounding,
-                                   prof.scale_convention, mask_clipped=self.algorithm != "naive")
-        else:
-            lo0, hi0 = F.minimum(lo, F.zeros_like(lo)), F.maximum(hi, F.zeros_like(hi))
-            span = hi0 - lo0
-            step = F.where(span > 0, span, F.ones_like(span)) / (grid.qmax - grid.qmin)
-            zp = F.clip(F.round(grid.qmin - lo0 / step), grid.qmin, grid.qmax)
-            xq = fake_quantize(F, x, step, grid.qmin, grid.qmax, zp, prof.rounding, "step",
-                               mask_clipped=self.algorithm != "naive")
+        xq = q.quantize_output(F, x, lo, hi, p) if output else q.quantize_input(F, x, lo, hi, p)
         return xq, steps, is_train
 
     # ------------------------------------------------------------------ fused operators (deployq.native)
@@ -208,7 +177,7 @@ class _ActivationQuant:
                 prm.grad_req = "null" if frozen and name.startswith("fakebn") else req
 
     def _native(self) -> bool:
-        return self._dq_use_native is not False and self.algorithm in NATIVE_ALGORITHMS and native.available()
+        return self._dq_use_native is not False and self.quantizer.fused and native.available()
 
     def _native_activation(self, F, x, state, grid: TensorGrid | None, is_train, relu: bool = False):
         """(x̂, gate): ``dq_act_quant`` tracks the range of ``x`` and fake-quantizes it; ``gate`` (1,) is 1 where
@@ -218,9 +187,9 @@ class _ActivationQuant:
         if grid is not None:
             kw = dict(quant=1 if grid.symmetric else 2, signed=int(grid.signed), qmin=grid.qmin, qmax=grid.qmax)
         y, used = F.dq_act_quant(x, state, is_train, rounding=prof.rounding, convention=prof.scale_convention,
-                                 momentum=repr(float(self._dq_momentum)), observer=int(self.algorithm == "observer"),
+                                 momentum=repr(float(self._dq_momentum)), observer=int(self.quantizer.observer),
                                  online=int(self.layer_config.input_mode == "online"),
-                                 mask_clipped=int(self.algorithm != "naive"),
+                                 mask_clipped=int(self.quantizer.mask_clipped),
                                  start_step=self.layer_config.quant_start_step, relu=int(relu), **kw)
         used = F.BlockGrad(used)  # read-only bookkeeping: no gradient flows into it
         self._dq_range = (F.slice_axis(used, axis=0, begin=0, end=1), F.slice_axis(used, axis=0, begin=1, end=2))
@@ -269,7 +238,7 @@ class _QuantMixin(_ActivationQuant):
 
     def _dq_init(self, cfg: LayerConfig, profile: Profile, algorithm: str, momentum: float,
                  bn: nn.BatchNorm | None, bn_path: str | None) -> None:
-        self.layer_config, self.profile, self.algorithm = cfg, profile, algorithm
+        self.layer_config, self.profile = cfg, profile
         self._dq_float = False
         self._dq_momentum = momentum
         self.bn_path = bn_path
@@ -290,8 +259,6 @@ class _QuantMixin(_ActivationQuant):
                                            differentiable=False, dtype="float64"))
                 new.append(self._add_param(name + "_anchor", (k,), mx.init.One(), lr_mult=0.0, wd_mult=0.0,
                                            dtype="float64"))
-            if algorithm == "lsq" and cfg.input is not None:
-                new.append(self._add_param("input_lsq_step", (1,), mx.init.Zero()))
             if bn is not None:
                 # the running statistics the fake-BN layer trains; copied into the BatchNorm by
                 # deployq.float_mode (MXNet's oneDNN BatchNorm must not share arrays with the state updates)
@@ -306,15 +273,8 @@ class _QuantMixin(_ActivationQuant):
         if bn is not None:
             for src, dst in (("gamma", "bn_gamma"), ("beta", "bn_beta")):
                 self._reg_params[dst] = getattr(bn, src)
+        self._bind_quantizer(algorithm)
         self.use_native = None
-        if algorithm == "lsq" and cfg.weight is not None:
-            w = self._weight_for_init()
-            init = self._lsq_weight_init(w, cfg.weight)
-            with self.name_scope():
-                self.weight_lsq_step = self.params.get("weight_lsq_step", shape=init.shape,
-                                                       init=mx.init.Constant(0.0))
-            self.weight_lsq_step.initialize(ctx=ctx)
-            self.weight_lsq_step.set_data(mx.nd.array(init))
 
     # ------------------------------------------------------------------ properties used by the forward
     @property
@@ -324,59 +284,6 @@ class _QuantMixin(_ActivationQuant):
     @property
     def _out_channels(self) -> int:
         return int(self.weight.shape[0])
-
-    def _weight_for_init(self) -> np.ndarray:
-        if self.weight._data is None:
-            raise ValueError(f"layer {self.layer_config.name}: weights are not initialised; initialise the net and "
-                             f"run one forward (or load parameters) before deployq.quantize(algorithm='lsq')")
-        return self.folded_weight_bias()[0]
-
-    def _lsq_weight_init(self, w: np.ndarray, grid: TensorGrid) -> np.ndarray:
-        a = np.abs(w)
-        if grid.granularity == "layer":
-            m = np.array([a.mean()])
-        elif grid.granularity == "group" and 1 < self._groups < w.shape[0]:
-            m = a.reshape(self._groups, -1).mean(1)
-        else:
-            m = a.reshape(w.shape[0], -1).mean(1)
-        return (2 * m / math.sqrt(grid.qmax)).astype(np.float32)
-
-    # ------------------------------------------------------------------ weights
-    def _quant_weight(self, F, w, p):
-        grid = self.layer_config.weight
-        prof = self.profile
-        ndim = 4 if isinstance(self, QuantConv2D) else 2
-        amax = _reduce_absmax(F, w, grid.granularity, self._groups, self._out_channels, ndim)
-        amax = F.BlockGrad(amax)
-        if self.algorithm == "lsq":
-            s = p["weight_lsq_step"]
-            if grid.granularity == "group" and 1 < self._groups < self._out_channels:
-                s = F.repeat(s, repeats=self._out_channels // self._groups)
-            s = F.reshape(s, (-1,) + (1,) * (ndim - 1))
-            n = int(np.prod(self.weight.shape)) // self._lsq_units(grid)
-            s = grad_scale(F, s, 1.0 / math.sqrt(grid.qmax * max(1, n)))
-            return fake_quantize(F, w, s, grid.qmin, grid.qmax, None, prof.rounding, "step")
-        if self.algorithm == "bnn":
-            c = F.clip(F.broadcast_div(w, amax + 1e-12), -1.0, 1.0)
-            sign = F.where(w >= 0, F.ones_like(w), -F.ones_like(w))
-            return F.broadcast_mul(c + F.BlockGrad(sign - c), amax)
-        if self.algorithm == "dorefa":
-            t = F.tanh(w)
-            tmax = _reduce_absmax(F, t, grid.granularity, self._groups, self._out_channels, ndim)
-            u = F.broadcast_div(t, F.where(tmax > 0, tmax, F.ones_like(tmax)))
-            q = fake_quantize(F, u, F.ones_like(tmax) * grid.qmax, grid.qmin, grid.qmax, None, prof.rounding,
-                              "multiplier")
-            return F.broadcast_mul(q, amax)
-        scale = scale_from_threshold(F, amax, grid.qmax, prof.scale_convention)
-        return fake_quantize(F, w, scale, grid.qmin, grid.qmax, None, prof.rounding, prof.scale_convention,
-                             mask_clipped=False)
-
-    def _lsq_units(self, grid: TensorGrid) -> int:
-        if grid.granularity == "layer":
-            return 1
-        if grid.granularity == "group" and 1 < self._groups < self._out_channels:
-            return self._groups
-        return self._out_channels
 
     # ------------------------------------------------------------------ fake BN
     def _fold(self, F, x, weight, bias, p, steps):
@@ -442,7 +349,7 @@ class _QuantMixin(_ActivationQuant):
     def _int32_bias(self) -> bool:
         cfg = self.layer_config
         return (getattr(self.profile, "bias", "float") == "int32" and cfg.input is not None
-                and cfg.weight is not None and self.algorithm not in ("lsq", "bnn"))
+                and cfg.weight is not None and self.quantizer.int32_bias)
 
     def _round_bias(self, F, b, w, lo, hi, gate=None):
         """The bias on the grid ``input_step * weight_step[c]`` (float32, the profile's rounding), as an engine
@@ -451,6 +358,9 @@ class _QuantMixin(_ActivationQuant):
         passes straight through. ``lo``/``hi``: the input range this forward quantizes with; ``gate`` (1,): 0
         where the layer computes in fp32 (before ``quant_start_step``, an observer in training)."""
         gi, gw = self.layer_config.input, self.layer_config.weight
+        # the grid is a constant for the gradient; cut a learned range (PACT's clip) off here already: MXNet's
+        # imperative backward crashed (SetDependency) on the where/ones_like below when ``lo`` had a gradient
+        lo, hi = F.BlockGrad(lo), F.BlockGrad(hi)
         if gi.symmetric:
             thr = F.maximum(F.abs(lo), F.abs(hi)) if gi.signed else F.relu(hi)
             x_step = F.where(thr > 0, thr, F.ones_like(thr)) / gi.qmax
@@ -458,7 +368,7 @@ class _QuantMixin(_ActivationQuant):
             span = F.maximum(hi, F.zeros_like(hi)) - F.minimum(lo, F.zeros_like(lo))
             x_step = F.where(span > 0, span, F.ones_like(span)) / (gi.qmax - gi.qmin)
         ndim = 4 if isinstance(self, QuantConv2D) else 2
-        amax = F.reshape(F.BlockGrad(_reduce_absmax(F, w, gw.granularity, self._groups, self._out_channels, ndim)),
+        amax = F.reshape(F.BlockGrad(reduce_absmax(F, w, gw.granularity, self._groups, self._out_channels, ndim)),
                          (-1,))
         if gw.granularity == "layer":
             amax = F.broadcast_like(amax, b)
@@ -470,12 +380,14 @@ class _QuantMixin(_ActivationQuant):
         return b + (delta if gate is None else F.broadcast_mul(gate, delta))
 
     # ------------------------------------------------------------------ fused operators (deployq.native)
-    def _native_weight(self, F, w, gate):
-        grid = self.layer_config.weight
-        if self.algorithm == "dorefa":
-            wq = self._quant_weight(F, w, {})
+    def _native_weight(self, F, w, gate, p):
+        """The weight quantized by ``dq_weight_quant`` where the quantizer's weight math is the fused one, else
+        by the quantizer on MXNet operators (gated by ``quant_start_step``)."""
+        grid, q = self.layer_config.weight, self.quantizer
+        if not q.fused_weight:
+            wq = q.quantize_weight(F, w, p)
             return w + F.broadcast_mul(gate, wq - w) if self.layer_config.quant_start_step > 0 else wq
-        return F.dq_weight_quant(w, self._dq_used, gate_index=3, units=self._lsq_units(grid), qmin=grid.qmin,
+        return F.dq_weight_quant(w, self._dq_used, gate_index=3, units=q.units(), qmin=grid.qmin,
                                  qmax=grid.qmax,
                                  rounding=self.profile.rounding, convention=self.profile.scale_convention)
 
@@ -512,7 +424,7 @@ class _QuantMixin(_ActivationQuant):
             w, b = self._native_fold(F, xq, weight, bias, p, is_train)
         else:
             w, b = weight, bias
-        wq = self._native_weight(F, w, gate) if cfg.weight is not None else w
+        wq = self._native_weight(F, w, gate, p) if cfg.weight is not None else w
         if b is not None and self._int32_bias():
             b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
         out = self._compute(F, xq, wq, b, bias, p, is_train)
@@ -546,34 +458,35 @@ class _QuantMixin(_ActivationQuant):
         if cfg.input_relu:  # the ReLU block before this layer is bypassed (BypassActivation)
             x = F.relu(x)
         self._pins = []
+        observer = self.quantizer.observer
         xq, steps, is_train = self._quant_activation(F, x, p["input_state"], p["input_state_scratch"],
-                                                     p["input_state_anchor"], cfg.input, p.get("input_lsq_step"))
+                                                     p["input_state_anchor"], cfg.input, p)
         # before quant_start_step, and while an observer trains, the layer computes in fp32 (BN statistics too)
         active = steps >= cfg.quant_start_step if cfg.quant_start_step > 0 else None
         if active is not None:
             xq = x + F.broadcast_mul(active, xq - x)
-        if self.algorithm == "observer":
+        if observer:
             xq = xq + F.broadcast_mul(is_train, x - xq)
         if self._dq_bn_kwargs is not None:
             w, b = self._fold(F, xq, weight, bias, p, steps)
         else:
             w, b = weight, bias
-        wq = self._quant_weight(F, w, p) if cfg.weight is not None else w
+        wq = self.quantizer.quantize_weight(F, w, p) if cfg.weight is not None else w
         if active is not None:
             wq = w + F.broadcast_mul(active, wq - w)
-        if self.algorithm == "observer":
+        if observer:
             wq = wq + F.broadcast_mul(is_train, w - wq)
         wq = F.broadcast_add(wq, F.add_n(*self._pins))  # adds 0; keeps the state updates on the gradient path
         if b is not None and self._int32_bias():
             gate = None if active is None else active
-            if self.algorithm == "observer":
+            if observer:
                 gate = 1 - is_train if gate is None else F.broadcast_mul(gate, 1 - is_train)
             b = self._round_bias(F, b, w, *self._dq_range, gate=gate)
         out = self._compute(F, xq, wq, b, bias, p, is_train)
         if cfg.output is not None:
             self._pins = []
             yq, _, is_train = self._quant_activation(F, out, p["output_state"], p["output_state_scratch"],
-                                                     p["output_state_anchor"], cfg.output)
+                                                     p["output_state_anchor"], cfg.output, p, output=True)
             yq = F.broadcast_add(yq, self._pins[0])
             out = self._known_output(F, yq, out, p["output_state"], is_train)
         return out
@@ -590,12 +503,8 @@ class _QuantMixin(_ActivationQuant):
     def input_range(self) -> tuple[float, float]:
         """The input range (lo, hi) the simulation uses (tracked, calibrated or LSQ-learned)."""
         st = self.input_state.data().asnumpy()
-        if self.algorithm == "lsq" and getattr(self, "input_lsq_step", None) is not None:
-            s = float(self.input_lsq_step.data().asnumpy()[0])
-            if s > 0:
-                t = s * self.layer_config.input.qmax
-                return (-t if self.layer_config.input.signed else 0.0), t
-        return float(np.float32(st[0])), float(np.float32(st[1]))  # the simulation reads them as float32
+        # the simulation reads them as float32
+        return self.quantizer.input_range(float(np.float32(st[0])), float(np.float32(st[1])))
 
     def input_threshold(self) -> float:
         lo, hi = self.input_range()
@@ -607,10 +516,7 @@ class _QuantMixin(_ActivationQuant):
         for arr in self.input_state.list_data():
             st = arr.asnumpy()
             arr[:] = mx.nd.array([lo, hi, 1.0, st[3]], ctx=arr.context, dtype=arr.dtype)
-        if getattr(self, "input_lsq_step", None) is not None:
-            grid = self.layer_config.input
-            t = max(abs(lo), abs(hi)) if grid.signed else max(hi, 0.0)
-            self.input_lsq_step.set_data(mx.nd.array([t / grid.qmax]))
+        self.quantizer.set_input_range(lo, hi)
 
     def folded_weight_bias(self) -> tuple[np.ndarray, np.ndarray]:
         """(W_f, b_f) as float32 NumPy, BN folded with running statistics when the layer trains with fake BN,
@@ -632,19 +538,9 @@ class _QuantMixin(_ActivationQuant):
         w = mx.nd.array(wf)
         p = {k: v.data() for k, v in self._reg_params.items()}
         with mx.autograd.predict_mode():
-            wq = self._quant_weight(mx.nd, w, p).asnumpy() if self.layer_config.weight is not None else wf
-        grid = self.layer_config.weight
-        ndim = wf.ndim
-        if self.algorithm == "lsq":
-            s = p["weight_lsq_step"].asnumpy()
-            if grid.granularity == "group" and 1 < self._groups < self._out_channels:
-                s = np.repeat(s, self._out_channels // self._groups)
-            step = np.broadcast_to(s, (wf.shape[0],)).astype(np.float32)
-        else:
-            amax = _reduce_absmax(mx.nd, w, grid.granularity if grid else "channel", self._groups,
-                                  self._out_channels, ndim).asnumpy().reshape(-1)
-            step = np.broadcast_to(amax / (grid.qmax if grid else 127), (wf.shape[0],)).astype(np.float32)
-        return wq, step
+            wq = self.quantizer.quantize_weight(mx.nd, w, p).asnumpy() if self.layer_config.weight is not None \
+                else wf
+        return wq, self.quantizer.weight_step(w, p)
 
 
 class QuantConv2D(_QuantMixin, nn.Conv2D):
@@ -691,7 +587,7 @@ class OutputQuantizer(_ActivationQuant, nn.HybridBlock):
     def __init__(self, cfg: LayerConfig, profile: Profile, algorithm: str, momentum: float, tensor: str,
                  ctx=None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.layer_config, self.profile, self.algorithm = cfg, profile, algorithm
+        self.layer_config, self.profile = cfg, profile
         self._dq_momentum = momentum
         self._dq_float = False
         self.tensor = tensor
@@ -702,9 +598,10 @@ class OutputQuantizer(_ActivationQuant, nn.HybridBlock):
                             dtype="float64")
             self._add_param("output_state_anchor", (4,), mx.init.One(), lr_mult=0.0, wd_mult=0.0, dtype="float64")
         self.collect_params().initialize(ctx=ctx)
+        self._bind_quantizer(algorithm)
         self.use_native = None
 
-    def hybrid_forward(self, F, x, output_state, output_state_scratch, output_state_anchor):
+    def hybrid_forward(self, F, x, output_state, output_state_scratch, output_state_anchor, **p):
         if self._dq_float:
             return x
         grid = self.layer_config.output
@@ -714,7 +611,7 @@ class OutputQuantizer(_ActivationQuant, nn.HybridBlock):
         else:
             self._pins = []
             yq, _, is_train = self._quant_activation(F, x, output_state, output_state_scratch, output_state_anchor,
-                                                     grid)
+                                                     grid, p, output=True)
             yq = F.broadcast_add(yq, self._pins[0])
         return self._known_output(F, yq, x, output_state, is_train)
 

@@ -95,7 +95,8 @@ def run_onnxruntime(man: dict[str, Any], x: np.ndarray, layers: list[str], optim
 
 
 #: manifest ``files`` each runner needs (``mxnet`` re-runs the records of the saved quantized net)
-REQUIRED_FILES = {"onnxruntime": ("model",), "ncnn": ("param", "bin"), "mxnet": ("qnet",)}
+REQUIRED_FILES = {"onnxruntime": ("model",), "ncnn": ("param", "bin"), "mxnet": ("qnet",),
+                  "tengine": ("symbol", "params", "table", "scales")}
 
 
 def check_engine(man: dict[str, Any], engine: str, where: str | Path) -> None:
@@ -111,6 +112,40 @@ def check_engine(man: dict[str, Any], engine: str, where: str | Path) -> None:
     hint = f"; use --engine {written}" if written and written != engine else ""
     raise ValueError(f"{where}: this export was written for {written}; its manifest has no {engine} model "
                      f"(files: {', '.join(missing)}){hint}")
+
+
+@runner("tengine")
+def run_tengine(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Tengine's int8 arithmetic on the exported json/params + scale table: deployq's NumPy model of Tengine's x86
+    kernels (``exporters/tengine/reference.py``, tengine-int8.md §3.4/§5). Tengine's own runtime is not in the
+    pinned stack; tests/engines runs it when built from ../shared/engines."""
+    from deployq.exporters.tengine.reference import TengineReference
+
+    p = man["paths"]
+    ref = TengineReference(p["symbol"], p["params"], p["table"], tuple(man["input"]["shape"]))
+    return ref(x), {}
+
+
+def tengine_reference(man: dict[str, Any], x: np.ndarray) -> Reference:
+    """The simulation of a Tengine export: its files re-lowered with its own scale file (every tensor's step; the
+    re-export is byte-identical) and run on MXNet ops with fake-quantized tensors (``tengine.simulate``)."""
+    import warnings
+
+    from deployq.exporters.ir.annotate import annotate, graph_fingerprint, load_scale_file
+    from deployq.exporters.ir.frontend import from_files
+    from deployq.exporters.tengine.lower import lower_model
+    from deployq.exporters.tengine.simulate import simulate
+
+    p = man["paths"]
+    g = from_files(p["symbol"], p["params"], tuple(man["input"]["shape"]))
+    gq = annotate(g, load_scale_file(p["scales"]), where=str(p["scales"]), fingerprint=graph_fingerprint(g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = lower_model(gq, None, name=man.get("model"))
+    step = {r.tensor: r.step for r in exp.scales}
+    out_step = step.get(exp.tensor_map.get(exp.graph.outputs[0], ""), 1.0)
+    f32, _ = _graph_layers(g, x, [])
+    return Reference(simulate(exp, x), {}, f32, {}, float(out_step), "Tengine export files + their scale file")
 
 
 @runner("ncnn")
@@ -399,8 +434,8 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str | None =
     check_engine(man, engine, export_dir)
     shape = tuple(man["input"]["shape"])
     x, y = load_data(data, shape, limit, export_preprocess(man), skip_bad, quiet)
-    names = [k for k in man.get("layers", {})] if layers else []
-    ref = reference(man, x, names, export_dir)
+    names = [k for k in man.get("layers", {})] if layers and engine != "tengine" else []
+    ref = tengine_reference(man, x) if engine == "tengine" else reference(man, x, names, export_dir)
     sim, f32 = ref.sim, ref.fp32
     out, out_l = RUNNERS[engine](man, x, names, **runner_kw)
     out = out.reshape(sim.shape)
@@ -420,6 +455,8 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str | None =
     rep: dict[str, Any] = {
         "engine": engine, "export_dir": str(export_dir), "model": man.get("model"), "images": int(len(x)),
         "reference": ref.source, "output_step": step,
+        **({"runtime": "deployq's NumPy model of Tengine's x86 int8 kernels (Tengine's runtime is not in the "
+                       "pinned stack)"} if engine == "tengine" else {}),
         "agreement_sim": float((out.argmax(1) == sim.argmax(1)).mean()),
         "agreement_sim_ties": float(agree_ties.mean()), "near_ties": int((agree_ties & ~agree).sum()),
         "agreement_fp32": float((out.argmax(1) == f32.argmax(1)).mean()),
@@ -460,6 +497,7 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str | None =
 def format_report(rep: dict[str, Any]) -> str:
     lines = [f"{rep['engine']} vs simulation on {rep['images']} images ({rep['model']}; simulation from the "
              f"{rep.get('reference', 'saved quantized net')}):",
+             *([f"  runtime: {rep['runtime']}"] if rep.get("runtime") else []),
              f"  top-1 agreement {rep['agreement_sim']:.4f} (vs fp32 {rep['agreement_fp32']:.4f})"
              + (f"; {rep['near_ties']} near-tie(s) within the error bound: {rep['agreement_sim_ties']:.4f}"
                 if rep.get("near_ties") else ""),

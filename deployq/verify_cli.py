@@ -14,7 +14,7 @@ def register(subparsers) -> None:
                               description="Run EXPORT_DIR (a directory with deployq-export.json) in the real "
                                           f"runtime; exit {BREACH_EXIT} when a threshold is breached.")
     p.add_argument("export_dir")
-    p.add_argument("--engine", choices=("onnxruntime", "ncnn", "mxnet"), default=None,
+    p.add_argument("--engine", choices=("onnxruntime", "ncnn", "mxnet", "tengine"), default=None,
                    help="runtime (default: the manifest's engine)")
     p.add_argument("--data", default=None,
                    help="images: a folder (class subfolders = labelled: accuracy too), an .npz of preprocessed "

@@ -102,6 +102,8 @@ def test_symbol_ptq_ncnn_onnx_tengine(work, capsys):
     assert "--data" in capsys.readouterr().err
     assert main(["export-tengine", *_model(work), "--scales", str(sc), "--data", str(work / "imgs"),
                  "--out", str(work / "tg")]) == 0
+    rep = _verify(work / "tg", work, capsys)  # Tengine's arithmetic (NumPy model of its kernels) vs the simulation
+    assert rep["engine"] == "tengine" and rep["max_error_steps"] <= 1.0
     tman = json.loads((work / "tg" / "deployq-export.json").read_text())
     assert tman["preprocess"]["tengine"] == {"-g": "3,48,48", "-w": "123.675,116.28,103.53",
                                              "-s": "0.0171247538,0.0175070028,0.0174291939", "-b": 1, "-c": 0,

@@ -144,9 +144,7 @@ def attach_qnet(g: Graph, qnet: Any, check_tol: float = 1e-3) -> Graph:
             wq, step = blk.quantized_weight()
             shape = (-1,) + (1,) * (wq.ndim - 1)
             codes = np.round(wq / np.where(step > 0, step, 1).reshape(shape)).astype(np.int32)
-            amax = np.abs(wf.reshape(wf.shape[0], -1)).max(1).astype(np.float32)
-            if blk.algorithm == "lsq":
-                amax = (step * cfg.weight.qmax).astype(np.float32)
+            amax = blk.quantizer.weight_threshold(wf, step)
             node.attrs["wq"] = WeightQuant(codes, step.astype(np.float32), amax, cfg.weight.qmin,
                                            cfg.weight.qmax, cfg.weight.bits, cfg.weight.granularity)
         if cfg.input is not None:
