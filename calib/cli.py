@@ -76,6 +76,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="scales.json", help="scale file to write (default scales.json)")
     p.add_argument("--report", action="store_true", help="print the per-layer table (threshold, max, clipped)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary (warnings still print)")
+    p.add_argument("--json", dest="json_out", action="store_true",
+                   help="print a JSON summary (file, tensors with thresholds, images, warnings) on stdout")
     p.set_defaults(func=run)
     return p
 
@@ -206,7 +208,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"deployq calibrate: warning: {msg}", file=sys.stderr)
     if args.report:
         print(report(sf))
-    if not args.quiet:
+    if args.json_out:
+        import json
+
+        print(json.dumps({"scale_file": str(path), "model": sf.model_name, "profile": sf.profile,
+                          "method": args.method, "images": int(len(x)), "preprocess": sf.preprocess,
+                          "thresholds": {k: t.threshold for k, t in sf.tensors.items()},
+                          "warnings": list(sf.warnings)}, indent=2))
+    elif not args.quiet:
         print(f"wrote {path} ({len(sf.tensors)} tensors, {len(x)} images, method {args.method}, "
               f"{len(sf.warnings)} warning(s))", file=sys.stderr)
     return 0

@@ -77,12 +77,17 @@ def _verify(export, work, capsys, *extra):
 
 def test_symbol_ptq_ncnn_onnx_tengine(work, capsys):
     sc = work / "scales.json"
+    capsys.readouterr()
     assert main(["calibrate", *_model(work), *PRE, "--data", str(work / "imgs"), "--method", "kl",
-                 "--out", str(sc), "--quiet"]) == 0
+                 "--out", str(sc), "--quiet", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
     doc = json.loads(sc.read_text())
+    assert summary["images"] == 18 and summary["thresholds"] == {k: v["threshold"] for k, v in doc["tensors"].items()}
     assert doc["preprocess"]["mean"] == [123.675, 116.28, 103.53] and doc["preprocess"]["resize"] == 56
     # the scale file carries the input shape and preprocessing: no --input-shape needed later
-    assert main(["export-ncnn", *_model(work), "--scales", str(sc), "--out", str(work / "ncnn")]) == 0
+    assert main(["export-ncnn", *_model(work), "--scales", str(sc), "--out", str(work / "ncnn"), "--json"]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert {k: open(v, "rb").read() for k, v in files.items()}  # every file listed exists
     man = json.loads((work / "ncnn" / "deployq-export.json").read_text())
     assert man["input"]["shape"] == [1, 3, 48, 48]
     assert man["preprocess"]["ncnn"]["norm_vals"] == pytest.approx([1 / 58.395, 1 / 57.12, 1 / 57.375])

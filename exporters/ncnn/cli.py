@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="built-in --model without --scales: MNIST-5k calibration images per class")
     p.add_argument("--winograd-3x3", choices=("disable", "six_bit"), default="disable",
                    help="int8 3x3 stride-1 convs: disable winograd (31=64) or train/quantize 6-bit weights")
+    p.add_argument("--json", dest="json_out", action="store_true",
+                   help="print a JSON summary (written files, model, input shape) instead of the file list")
     p.set_defaults(func=run)
 
 
@@ -122,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"deployq export-ncnn: warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if args.json_out:
+        print(json.dumps({"engine": "ncnn", "model": m.name, "input_shape": list(m.preprocess.input_shape),
+                          "files": {k: str(v) for k, v in files.items()}}, indent=2))
+        return 0
     for key, path in files.items():
         print(f"{key:<11} {path}")
     return 0

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--model-name", default=None, help="name in the manifest (default: the model's)")
     p.add_argument("--no-fp32", action="store_true", help="do not write model.fp32.onnx")
     preprocess.add_arguments(p)
+    p.add_argument("--json", dest="json_out", action="store_true",
+                   help="print a JSON summary (written files, model, input shape) instead of the file list")
     p.set_defaults(func=run)
 
 
@@ -72,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
     m = load_model(args, preprocess.from_scale_file(args.scales), quiet=True)
     net = m.net if m.quantized else _quantized(args, m)
     files = export_qnet(net, args.out, args.model_name or m.name, fp32=not args.no_fp32, preprocess=m.preprocess)
+    if args.json_out:
+        import json
+
+        print(json.dumps({"engine": "onnxruntime", "model": args.model_name or m.name,
+                          "input_shape": list(m.preprocess.input_shape),
+                          "files": {k: str(v) for k, v in files.items()}}, indent=2))
+        return 0
     for k, v in files.items():
         print(f"{k}: {v}")
     return 0

@@ -119,6 +119,13 @@ def run_export_tengine(args: argparse.Namespace) -> int:
         return e.exit_code
     for msg in notes:
         print(f"warning: {msg}", file=sys.stderr)
+    if args.json_out:
+        import json
+
+        print(json.dumps({"engine": "tengine", "model": args.name or graph.name,
+                          "input_shape": list(graph.input_shape), "files": [str(p) for p in paths],
+                          "warnings": list(notes)}, indent=2))
+        return 0
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -144,6 +151,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=256,
                    help="at most this many calibration images (class-balanced MNIST-5k for the built-in models)")
     preprocess.add_arguments(p)
+    p.add_argument("--json", dest="json_out", action="store_true",
+                   help="print a JSON summary (written files, model, input shape) instead of the file list")
     p.set_defaults(func=run_export_tengine)
     return p
 
