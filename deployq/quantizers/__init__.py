@@ -7,13 +7,13 @@ Built in: ``naive``, ``qat``, ``dorefa``, ``lsq``, ``bnn``, ``observer``. Add yo
 from .base import Quantizer, reduce_absmax
 from .bnn import BNNQuantizer
 from .dorefa import DoReFaQuantizer
-from .gradient import custom_gradient
+from .gradient import straight_through, with_gradient
 from .lsq import LSQQuantizer
 from .naive import NaiveQuantizer
 from .observer import ObserverQuantizer
 from .qat import QATQuantizer
 from .registry import BUILTIN, QUANTIZERS, get_quantizer, register_quantizer
 
-__all__ = ["Quantizer", "QUANTIZERS", "BUILTIN", "register_quantizer", "get_quantizer", "custom_gradient",
-           "reduce_absmax", "NaiveQuantizer", "QATQuantizer", "DoReFaQuantizer", "LSQQuantizer", "BNNQuantizer",
-           "ObserverQuantizer"]
+__all__ = ["Quantizer", "QUANTIZERS", "BUILTIN", "register_quantizer", "get_quantizer", "with_gradient",
+           "straight_through", "reduce_absmax", "NaiveQuantizer", "QATQuantizer", "DoReFaQuantizer", "LSQQuantizer",
+           "BNNQuantizer", "ObserverQuantizer"]

@@ -6,8 +6,8 @@ fake BN, the int32 bias) and asks its quantizer for the algorithm's part:
 - ``update_range``: the tracked range after one training batch (moving average by default);
 - ``input_quant_range``: the range the input is quantized with, from the tracked one (a learned clip: PACT);
 - ``quantize_input`` / ``quantize_output`` / ``quantize_weight``: the fake-quantized tensor, written with MXNet
-  ``F`` operators (the layer stays hybridizable); gradients are MXNet's own (use the straight-through helpers of
-  ``deployq.fakequant``, or :func:`deployq.quantizers.custom_gradient` for a hand-written backward);
+  ``F`` operators (the layer stays hybridizable); gradients are MXNet's own, or a hand-written backward with
+  :func:`deployq.quantizers.with_gradient` (forward value, gradient of a surrogate; straight-through by default);
 - ``create_params``: trainable parameters of the algorithm (LSQ's steps), registered on the layer;
 - ``input_range`` / ``weight_step`` / ``weight_threshold``: the NumPy views the exporters write.
 
