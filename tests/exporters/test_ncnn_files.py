@@ -200,7 +200,7 @@ def test_cli_byte_identical_and_file_route(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert files == sorted(["deployq-export.json", "m-symbol.json", "m-0000.params"]
+    assert files == sorted(["deployq-export.json", "USAGE.txt", "m-symbol.json", "m-0000.params"]
                            + [f"m{s}" for s in SUFFIXES.values()])
     assert sorted(ln.split()[1].rsplit("/", 1)[1] for ln in capsys.readouterr().out.splitlines()) == files
     assert (tmp_path / "c" / "m-0000.params").read_bytes() == (tmp_path / "m-0000.params").read_bytes()
