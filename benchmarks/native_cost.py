@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterator
 
 import mxnet as mx
 import numpy as np
-from mxnet import autograd, gluon
+from mxnet import gluon
+from qat_step import Stepper  # (benchmarks/ is on sys.path when run as a script)
 
 import deployq
 from deployq.zoo import get_model
@@ -48,33 +49,16 @@ def make_net(quantized: bool) -> gluon.HybridBlock:
     return net
 
 
-class QATStep:
-    """One QAT net with its trainer and a fixed random batch; ``run(n)`` returns n step times (seconds)."""
+class QATStep(Stepper):
+    """One QAT net (fused operators or MXNet operators) with its trainer and a fixed random batch
+    (``qat_step.Stepper``); ``run(n)`` returns n step times (seconds)."""
 
     def __init__(self, native: bool, batch: int = 32):
-        self.net = deployq.use_native(make_net(True), native)
-        if ("dq_act_quant" in self.net(mx.sym.var("data")).tojson()) != native:
+        net = deployq.use_native(make_net(True), native)
+        if ("dq_act_quant" in net(mx.sym.var("data")).tojson()) != native:
             raise SystemExit(f"fused operators {'unavailable' if native else 'still used'}: nothing to compare")
-        self.net.hybridize(static_alloc=True, static_shape=True)
-        self.batch = batch
-        self.trainer = deployq.Trainer(self.net.collect_params(), "sgd", {"learning_rate": 0.01, "momentum": 0.9})
-        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-        rng = np.random.default_rng(0)
-        self.x = mx.nd.array(rng.standard_normal((batch, *SHAPE)).astype(np.float32))
-        self.y = mx.nd.array(rng.integers(0, 1000, batch))
-
-    def run(self, n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            mx.nd.waitall()
-            t = time.perf_counter()
-            with autograd.record():
-                loss = self.loss_fn(self.net(self.x), self.y)
-            loss.backward()
-            self.trainer.step(self.batch, ignore_stale_grad=True)
-            mx.nd.waitall()
-            times.append(time.perf_counter() - t)
-        return times
+        net.hybridize(static_alloc=True, static_shape=True)
+        super().__init__(net, batch, SHAPE, 1000)
 
 
 def qat_job(rounds: int, steps: int) -> list[tuple[str, list[float], list[float]]]:

@@ -35,14 +35,15 @@ def make_net(config: list[dict] | None, quantized: bool) -> gluon.HybridBlock:
 class Stepper:
     """One net with its trainer and a fixed random batch; ``run(n)`` returns n step times (seconds)."""
 
-    def __init__(self, net: gluon.HybridBlock, batch: int = 64):
+    def __init__(self, net: gluon.HybridBlock, batch: int = 64, shape: tuple[int, ...] = (3, 32, 32),
+                 classes: int = 10):
         trainer_cls = deployq.Trainer if deployq.quant_layers(net) else gluon.Trainer
         self.net, self.batch = net, batch
         self.trainer = trainer_cls(net.collect_params(), "sgd", {"learning_rate": 0.01, "momentum": 0.9})
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         rng = np.random.default_rng(0)
-        self.x = mx.nd.array(rng.standard_normal((batch, 3, 32, 32)).astype(np.float32))
-        self.y = mx.nd.array(rng.integers(0, 10, batch))
+        self.x = mx.nd.array(rng.standard_normal((batch, *shape)).astype(np.float32))
+        self.y = mx.nd.array(rng.integers(0, classes, batch))
 
     def run(self, n: int) -> list[float]:
         times = []
