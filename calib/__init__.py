@@ -1,10 +1,10 @@
-"""Post-training calibration of activation ranges (minmax, ema, kl, percentile, mse) and the JSON scale file.
+"""Post-training calibration of activation ranges (minmax, ema, kl, percentile, mse, aciq, eq) and the JSON scale file.
 
 >>> sf = calibrate(net, x_calib, method="kl", profile="ncnn")
 >>> sf.save("scales.json"); print(report(sf))
 """
 
-from . import ema, kl, minmax, mse, percentile  # noqa: F401  (register the methods)
+from . import aciq, ema, eq, kl, minmax, mse, percentile  # noqa: F401  (register the methods)
 from .api import CalibrationWarning, apply, calibrate, check, class_balanced_sampler, iter_batches, report
 from .base import CALIBRATORS, CalibrationError, Calibrator, RangeResult, get_calibrator, register
 from .scalefile import ScaleFile, ScaleFileError, TensorRange, load

@@ -374,6 +374,8 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
                    f"deployq {__version__} calibrate --method {method}")
     notes: list[str] = []
     results = {}
+    for c in cals.values():
+        c.images = hasher.n
     computed = _compute_all([c for c in cals.values() if c.absmax != 0])
     for key, cal in cals.items():
         layers_here = ", ".join(layer_of[key])
@@ -400,6 +402,9 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
             observed_min=float(cal.min), observed_max=float(cal.max),
             clipped_share=None if share is None else float(share))
         sf.layers[p.layer] = _layer_entry(qlayers.get(p.layer), prof)
+    refine = getattr(c0, "refine", None)  # a method that searches beyond one tensor (EasyQuant: calib/eq.py)
+    if refine is not None:
+        refine(net, data, sf, {p.layer: key_of[p.key][1] for p in tap.points}, prof, batch_size)
     for msg in notes:
         warnings.warn(msg, CalibrationWarning, stacklevel=2)
     notes += check(sf, warn_clip_share, warn_threshold_ratio)

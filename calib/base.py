@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..errors import InputError
 from ..profiles import TensorGrid
 
 
@@ -52,7 +53,7 @@ def merge_pow2(hist: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError, ValueError):
     """Bad calibration input (empty data, NaN/Inf activations, a constant-zero tensor, wrong model ...)."""
 
 
@@ -104,6 +105,8 @@ class Calibrator:
         self.zeros = 0
         #: the one-pass histogram's current R (0: none yet)
         self.pow2_hist_range = 0.0
+        #: calibration images seen, set by ``calibrate()`` before ``compute()`` (ACIQ's elements per image)
+        self.images = 0
 
     # -- feeding -------------------------------------------------------------------------------------------
     def update_range(self, lo: float, hi: float, n: int, pass_index: int = 0) -> None:

@@ -22,7 +22,7 @@ from .base import CALIBRATORS
 
 #: method -> the method options it takes (CLI dest names)
 METHOD_OPTIONS = {"minmax": (), "ema": ("momentum", "passes"), "kl": ("bins", "clip_guard", "one_pass"),
-                  "percentile": ("percentile", "bins"), "mse": ("bins",)}
+                  "percentile": ("percentile", "bins"), "mse": ("bins",), "aciq": (), "eq": ("bins", "clip_guard")}
 _FLAGS = {"momentum": "--momentum", "passes": "--passes", "bins": "--bins",
           "clip_guard": "--clip-guard/--no-clip-guard", "percentile": "--percentile", "one_pass": "--one-pass"}
 
@@ -198,12 +198,9 @@ def run(args: argparse.Namespace) -> int:
                                f"--data {Path(spec).name} --images {len(x)} --seed {args.seed}".split())
         sf.preprocess = m.preprocess.to_dict()
         path = sf.save(args.out)
-    except UsageError as e:
+    except DeployqError as e:  # usage 2, bad input 3 (deployq.errors); anything else: deployq.cli.main
         print(f"deployq calibrate: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, DeployqError) as e:
-        print(f"deployq calibrate: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        return e.exit_code
     for msg in sf.warnings:
         print(f"deployq calibrate: warning: {msg}", file=sys.stderr)
     if args.report:

@@ -36,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_scale_values
+from ..errors import InputError
+
 SCHEMA = "deployq.scales"
 VERSION = 1
 STEP_CONVENTION = "step = threshold / qmax (int -> float); ncnn multiplier = 1 / step"
@@ -43,7 +46,7 @@ ASYM_CONVENTION = "step = (hi - lo) / (qmax - qmin), x = step * (q - zero_point)
 KINDS = ("input", "activation")
 
 
-class ScaleFileError(ValueError):
+class ScaleFileError(InputError, ValueError):
     """An unreadable, unknown-version, incomplete or wrong-model scale file."""
 
 
@@ -320,7 +323,8 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def load(path: str | os.PathLike, expect_fingerprint: str | None = None) -> ScaleFile:
-    """Read and validate a scale file; ``expect_fingerprint`` rejects a file made for another model."""
+    """Read and validate a scale file (schema, fields, then the values: :func:`deployq.checks.check_scale_values`);
+    ``expect_fingerprint`` rejects a file made for another model."""
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -329,4 +333,6 @@ def load(path: str | os.PathLike, expect_fingerprint: str | None = None) -> Scal
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ScaleFileError(f"{path}: not valid JSON ({e})") from e
-    return ScaleFile.from_dict(d, expect_fingerprint, source=str(path))
+    sf = ScaleFile.from_dict(d, expect_fingerprint, source=str(path))
+    check_scale_values(sf.tensors, str(path))  # thresholds > 0, plausible, steps that fit float32; not empty
+    return sf

@@ -26,6 +26,7 @@ from .blocks import (
     with_output_quantizer,
 )
 from .config import LayerConfig, resolve
+from .errors import short_message
 from .naming import block_paths, node_path, prefix_map, structure_fingerprint
 from .profiles import Profile, TensorGrid, load_profile
 from .quantizers import get_quantizer
@@ -300,7 +301,7 @@ def quantize(net: gluon.HybridBlock, config_list: list[dict[str, Any]] | None = 
             continue
         groups = int(b._kwargs.get("num_group", 1)) if t is nn.Conv2D else 1
         depthwise = t is nn.Conv2D and groups > 1 and groups == int(b._channels)
-        layers[path] = (t.__name__, depthwise)
+        layers[path] = (t.__name__, depthwise, t is nn.Conv2D and 1 < groups < int(b._channels))
     cfgs = resolve(config_list, layers, prof)
     pairs = conv_bn_pairs(net) if any(c.fake_bn and c.weight is not None for c in cfgs.values()) else {}
     if prof.quantize_outputs == "non_layer_consumers" and quantizer.block_outputs:
@@ -632,7 +633,7 @@ def load_saved(path: str | os.PathLike, net: gluon.HybridBlock | None = None, ct
     try:
         saved = mx.nd.load(str(params))
     except mx.base.MXNetError as e:
-        raise InputError(f"not a readable MXNet .params file ({str(e).strip().splitlines()[0][:160]})",
+        raise InputError(f"not a readable MXNet .params file ({short_message(e)[:160]})",
                          where=params) from None
     # a net saved before its profile quantized outputs lacks their state: those outputs stay unquantized
     missing = set(net._collect_params_with_prefix()) - set(saved)
@@ -640,7 +641,7 @@ def load_saved(path: str | os.PathLike, net: gluon.HybridBlock | None = None, ct
     try:
         net.load_parameters(str(params), ctx=ctx, allow_missing=bool(missing) and optional)
     except (AssertionError, mx.base.MXNetError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else "parameters do not fit the architecture"
+        msg = short_message(e)[:200] if str(e).strip() else "parameters do not fit the architecture"
         raise InputError(f"its weights do not fit the architecture in {meta_path.name} ({msg})", where=params,
                          fix="save and load the .params and .deployq.json of one quantized net together") from None
     if meta.get("calibration"):

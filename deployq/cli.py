@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "deployq.exporters.ncnn.cli",
     "deployq.exporters.onnx.cli",
     "deployq.verify_cli",
+    "deployq.optimize_cli",
 )
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     (Ctrl-C: 130); ``DEPLOYQ_DEBUG=1`` shows the traceback of an internal error."""
     import os
 
-    from deployq.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeployqError
+    from deployq.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeployqError
 
     cmd = "deployq"
     try:
@@ -63,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         print(f"{cmd}: error: {f'{names}: {e.strerror}' if names and e.strerror else e}", file=sys.stderr)
         return EXIT_INTERNAL
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+    except ValueError as e:  # a value the user gave that a part of deployq refused
+        print(f"{cmd}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyError, TypeError, RuntimeError) as e:
         print(f"{cmd}: error: {e}", file=sys.stderr)
         return EXIT_INTERNAL
     except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .errors import InputError
 from .profiles import Profile, TensorGrid
 
 LAYER_TYPES = ("Conv2D", "Dense")
@@ -40,7 +41,7 @@ KEYS = {"op_types", "op_names", "op_names_re", "exclude", "quant_types", "quant_
         "quant_scheme", "quant_start_step", "input_mode", "fake_bn", "bn_freeze_step"}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config list that cannot be applied (the message names the entry and the problem)."""
 
 
@@ -137,13 +138,14 @@ def _matches(d: dict[str, Any], name: str, op_type: str) -> bool:
     return name in (names or []) or any(re.fullmatch(p, name) for p in (regs or []))
 
 
-def _grid(d: dict[str, Any], qt: str, base: TensorGrid, i: int, depthwise: bool) -> TensorGrid:
+def _grid(d: dict[str, Any], qt: str, base: TensorGrid, i: int, depthwise: bool, grouped: bool = False
+          ) -> TensorGrid:
     bits = _per_type(d.get("quant_bits"), qt, base.bits, "quant_bits", i)
     signed = _per_type(d.get("quant_dtype"), qt, "int" if base.signed else "uint", "quant_dtype", i) == "int"
     scheme = _per_type(d.get("quant_scheme"), qt, None, "quant_scheme", i)
     gran, sym = base.granularity, base.symmetric if signed == base.signed else signed
-    if qt == "weight" and depthwise and scheme is None:
-        gran = base.depthwise_granularity
+    if qt == "weight" and scheme is None and (depthwise or grouped):
+        gran = base.depthwise_granularity if depthwise else base.grouped_granularity
     if scheme is not None:
         gran, sym = SCHEMES[scheme]
     if qt != "weight":
@@ -151,9 +153,10 @@ def _grid(d: dict[str, Any], qt: str, base: TensorGrid, i: int, depthwise: bool)
     return replace(base, bits=bits, signed=signed, symmetric=sym, granularity=gran)
 
 
-def resolve(config_list: list[dict[str, Any]] | None, layers: dict[str, tuple[str, bool]],
+def resolve(config_list: list[dict[str, Any]] | None, layers: dict[str, tuple[str, bool] | tuple[str, bool, bool]],
             profile: Profile, auto_outputs: dict[str, bool] | None = None) -> dict[str, LayerConfig]:
-    """Resolve the config for every layer. ``layers`` maps structural name -> (op type, is depthwise).
+    """Resolve the config for every layer. ``layers`` maps structural name -> (op type, is depthwise[, is grouped:
+    a conv with ``1 < groups < channels``]).
 
     ``auto_outputs`` (layer -> whether the point is after the following ReLU): layers that get an output grid
     without asking for it, when their input and weights are quantized and their entry has no ``output``."""
@@ -169,7 +172,8 @@ def resolve(config_list: list[dict[str, Any]] | None, layers: dict[str, tuple[st
             if not any(re.fullmatch(p, n) for n in layers):
                 raise ConfigError(f"config_list[{i}].op_names_re: {p!r} matches no Conv2D/Dense layer")
     out: dict[str, LayerConfig] = {}
-    for name, (op_type, depthwise) in layers.items():
+    for name, (op_type, depthwise, *more) in layers.items():
+        grouped = bool(more and more[0])
         idx = [i for i, d in enumerate(config_list) if _matches(d, name, op_type)]
         if not idx or config_list[idx[-1]].get("exclude", False):
             out[name] = LayerConfig(name, op_type, None, None, None, entry=idx[-1] if idx else -1)
@@ -179,7 +183,7 @@ def resolve(config_list: list[dict[str, Any]] | None, layers: dict[str, tuple[st
         qtypes = d.get("quant_types", ["weight", "input"])
         out[name] = LayerConfig(
             name=name, op_type=op_type,
-            weight=_grid(d, "weight", profile.weight, i, depthwise) if "weight" in qtypes else None,
+            weight=_grid(d, "weight", profile.weight, i, depthwise, grouped) if "weight" in qtypes else None,
             input=_grid(d, "input", profile.activation, i, depthwise) if "input" in qtypes else None,
             output=_grid(d, "output", profile.activation, i, depthwise) if "output" in qtypes else None,
             input_mode=d.get("input_mode", "offline"),

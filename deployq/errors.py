@@ -5,8 +5,10 @@ Exit codes (the same for every command):
 - 0: success
 - 1: an internal error (a bug in deployq: please report it)
 - 2: usage (bad or missing command-line options)
-- 3: bad input (a model, scale file, config list, image folder, npz, saved net or output path that cannot be used)
+- 3: bad input (a model, scale file, config list, image folder, npz, saved net or output path that cannot be used;
+  also any other ``ValueError`` a part of deployq raises on a value it was given)
 - 4: verification breach (``deployq verify`` ran, and the export misses its thresholds)
+- 5: a distributed run lost a worker, server or its scheduler (``deployq.dist``; ``--resume`` continues)
 - 130: interrupted (Ctrl-C; nothing half-written is left behind)
 """
 
@@ -64,3 +66,11 @@ class MissingInputError(InputError, FileNotFoundError):
 
     def __init__(self, message: str, *, where: str | PathLike | None = None, fix: str | None = None) -> None:
         InputError.__init__(self, message, where=where, fix=fix)
+
+
+def short_message(e: BaseException, limit: int = 200) -> str:
+    """The line of an exception's text that says what went wrong: MXNet's messages start with
+    ``Traceback (most recent call last):`` and C++ frames, which are skipped; the exception's type if empty."""
+    skip = ("Traceback (most recent call last)", "File ", "Stack trace", "[bt]")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return (lines[0] if lines else type(e).__name__)[:limit]

@@ -68,20 +68,26 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
         from .errors import MissingInputError
 
         raise MissingInputError(f"no {MANIFEST} (not a deployq export directory)", where=d)
+    from .errors import InputError, MissingInputError
+
     try:
         doc = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if doc.get("schema") != SCHEMA or doc.get("version") != VERSION:
-        raise ValueError(f"{path}: unknown schema/version {doc.get('schema')!r}/{doc.get('version')!r}; "
-                         f"expected {SCHEMA!r}/{VERSION}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", where=path, fix="export again into this folder") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("version") != VERSION:
+        got = (doc.get("schema"), doc.get("version")) if isinstance(doc, dict) else (type(doc).__name__, None)
+        raise InputError(f"unknown schema/version {got[0]!r}/{got[1]!r}; expected {SCHEMA!r}/{VERSION}",
+                         where=path)
     for key in ("engine", "files", "input"):
         if key not in doc:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise InputError(f"missing key {key!r}", where=path)
+    if not isinstance(doc["files"], dict) or not all(isinstance(v, str) for v in doc["files"].values()):
+        raise InputError("field 'files' must map keys to file names", where=path)
     doc["paths"] = {k: d / v for k, v in doc["files"].items()}
     for k, p in doc["paths"].items():
         if k != "qnet" and not p.exists():
-            raise FileNotFoundError(f"{path}: file {k!r} -> {p} does not exist")
+            raise MissingInputError(f"file {k!r} -> {p} does not exist", where=path,
+                                    fix="export again into this folder")
     check_sha256(d, doc.get("sha256"))
     return doc
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, UsageError
+from .checks import check_net_batchnorm
+from .errors import InputError, UsageError, short_message
 from .preprocess import Preprocess, from_args, imagenet, mnist
 
 
@@ -101,6 +102,7 @@ def load_model(args: argparse.Namespace, stored: Preprocess | None = None, *, qu
             _note(f"no --mean/--std: using ImageNet's (mean {','.join(f'{v:g}' for v in pre.mean)}, std "
                   f"{','.join(f'{v:g}' for v in pre.std)}, rgb, resize {pre.resize})")
         name = Path(args.symbol).name.removesuffix(".json").removesuffix("-symbol")
+        check_net_batchnorm(net, args.params)  # a negative / non-finite moving_var: refused, naming the layer
         return LoadedModel(net, name, "symbol", pre, symbol=Path(args.symbol), params=Path(args.params))
     return _zoo_model(args, stored, quiet)
 
@@ -127,14 +129,15 @@ def _zoo_model(args: argparse.Namespace, stored: Preprocess | None, quiet: bool)
         net(mx.nd.zeros(pre.input_shape))
     except mx.base.MXNetError as e:
         raise UsageError(f"--model {name} does not take input shape {pre.input_shape}: "
-                         f"{str(e).strip().splitlines()[0][:200]}", fix="pass --input-shape N,C,H,W") from None
+                         f"{short_message(e)[:200]}", fix="pass --input-shape N,C,H,W") from None
     if args.params:
         try:
             net.load_parameters(str(args.params), ctx=mx.cpu())
         except (AssertionError, mx.base.MXNetError, OSError, ValueError) as e:
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            msg = short_message(e)[:200] if str(e).strip() else type(e).__name__
             raise InputError(f"cannot load it into gluoncv {name} with {classes} classes ({msg})", where=args.params,
                              fix="weights of HybridBlock.export go with --symbol; check --classes") from None
+        check_net_batchnorm(net, args.params)
     else:
         _note(f"--model {name} without --params has random weights (seed 0; for trying deployq only)")
     net.hybridize()

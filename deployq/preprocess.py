@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_input_shape
 from .errors import InputError, UsageError
 
 #: gluoncv's ImageNet normalisation in pixel units (RGB)
@@ -37,6 +38,7 @@ class Preprocess:
         shape = tuple(int(v) for v in self.input_shape)
         if len(shape) != 4 or min(shape) < 1:
             raise UsageError(f"input shape must be N,C,H,W of positive integers, got {self.input_shape}")
+        check_input_shape(shape, "input shape")  # at most 8192 per side, 2**28 values
         c = shape[1]
         mean, std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
         mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
@@ -168,9 +170,7 @@ def parse_shape(text: str, flag: str = "--input-shape") -> tuple[int, int, int, 
         shape = ()
     if len(shape) != 4 or min(shape) < 1:
         raise UsageError(f"{flag} must be N,C,H,W (four positive integers), got {text!r}")
-    if shape[2] * shape[3] > 8192 * 8192 or shape[0] > 4096:
-        raise UsageError(f"{flag} {text}: too large (at most 8192x8192 pixels, batch 4096)")
-    return shape  # type: ignore[return-value]
+    return check_input_shape(shape, flag)  # type: ignore[return-value]
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

@@ -5,6 +5,8 @@ fp32 statistics frozen), input ranges started by a min-max calibration on the fi
 (momentum 0.9, weight decay 1e-4, cosine learning rate). After every epoch the net is checkpointed
 (``OUT.ckpt.params/.deployq.json`` + trainer state); ``--resume`` continues from the last one. ``--out Q`` writes the
 saved quantized net every command takes as ``--qnet Q``.
+``--launch N`` (or ``--kvstore dist_sync`` under MXNet's launcher) trains on N workers, quantization states kept
+identical on all; rank 0 writes the checkpoints and the net (deployq.dist, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -50,7 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     p.add_argument("--json", dest="json_out", action="store_true", help="print a JSON summary at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    g = p.add_argument_group("distributed training (docs/distributed.md)")
+    g.add_argument("--kvstore", default=None, choices=("local", "device", "dist_sync", "dist_device_sync"),
+                   help="train through this MXNet kvstore; dist_*: one worker of a launched run (each takes its part "
+                        "of every --batch-size global batch; quantization ranges kept identical on all workers)")
+    g.add_argument("--launch", type=int, default=None, metavar="N",
+                   help="run N workers (and --servers) on this machine over loopback, --kvstore dist_sync")
+    g.add_argument("--servers", type=int, default=1, metavar="S", help="kvstore servers of --launch (default 1)")
+    g.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a worker waiting this long for the others stops the run (default 300)")
+    p.set_defaults(func=run, _parser=p)
 
 
 def _config(path: str | None) -> list | None:
@@ -87,19 +98,44 @@ def _accuracy(net, x, y, batch: int) -> float:
     return float(np.mean(predict(net, x, batch).argmax(1) == y))
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """``--launch N``: this command line as N ``--kvstore dist_sync`` workers (deployq.dist.launch)."""
+    from . import dist
+
+    if args.launch < 1 or args.servers < 1:
+        raise UsageError(f"--launch and --servers must be positive, got {args.launch} and {args.servers}")
+    if args.kvstore not in (None, "dist_sync", "dist_device_sync"):
+        raise UsageError(f"--launch runs a distributed kvstore, not --kvstore {args.kvstore}")
+    argv = ["--kvstore", args.kvstore or "dist_sync"]
+    for a in args._parser._actions:
+        v = getattr(args, a.dest, None)
+        if not a.option_strings or a.dest in ("help", "launch", "servers", "kvstore") or v is None or v == a.default:
+            continue
+        argv += [a.option_strings[0]] if isinstance(a, argparse._StoreTrueAction) else [a.option_strings[0], str(v)]
+    return dist.launch(args.launch, args.servers, [sys.executable, "-m", "deployq.cli", "qat", *argv])
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "launch", None) is not None:
+        return _launch(args)
     import mxnet as mx
     import numpy as np
     from mxnet import autograd, gluon
 
     from . import api
-    from .data import batches
     from .images import open_data
     from .modelargs import load_model
     from .progress import progress
     from .simulate import calibrate_ranges
 
     _check(args)
+    from . import dist
+
+    kv = dist.create_kvstore(args.kvstore, args.dist_timeout) if args.kvstore else None
+    rank, workers = dist.rank_and_workers(kv) if kv is not None and "dist" in kv.type else (0, 1)
+    lead = rank == 0  # rank 0 alone writes checkpoints, the saved net and the summary
+    if not lead:
+        args.quiet, args.json_out = True, False
     out = Path(args.out)
     ckpt, ckpt_meta = _ckpt(out)
     start_epoch, state = 0, None
@@ -131,11 +167,18 @@ def run(args: argparse.Namespace) -> int:
         pick = np.sort(rng.permutation(len(train))[:args.calib_images])
         calibrate_ranges(qnet, np.asarray(train.x[pick]), "minmax", seed=args.seed)
     qnet.hybridize(static_alloc=True)
-    per_epoch = -(-len(train) // args.batch_size)
+    if args.batch_size < workers:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch: at least one image per worker "
+                         f"({workers} workers)")
+    # global batches; a last one with fewer images than workers is dropped (deployq.dist.worker_batches)
+    per_epoch = len(train) // args.batch_size + (len(train) % args.batch_size >= workers)
     total = max(1, int(round(args.epochs * per_epoch)))
     sched = mx.lr_scheduler.CosineScheduler(max_update=total, base_lr=args.lr, final_lr=args.lr * 0.01)
-    trainer = api.Trainer(qnet.collect_params(), "sgd",
-                          {"learning_rate": args.lr, "momentum": 0.9, "wd": 1e-4, "lr_scheduler": sched})
+    opt = {"learning_rate": args.lr, "momentum": 0.9, "wd": 1e-4, "lr_scheduler": sched}
+    if kv is None:
+        trainer = api.Trainer(qnet.collect_params(), "sgd", opt)
+    else:
+        trainer = dist.DistTrainer(qnet, "sgd", opt, kvstore=kv, timeout=args.dist_timeout)
     if state is not None:
         trainer.load_states(str(ckpt) + ".states")
     done = start_epoch * per_epoch
@@ -145,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
     bar = progress(total=total, initial=min(done, total), desc="QAT", disable=args.quiet, unit="step")
     while done < total:
         loss_sum, correct, seen = 0.0, 0, 0
-        for xb, yb in batches(train.x, train.y, args.batch_size, shuffle=True, seed=args.seed + 1000 + epoch):
+        for xb, yb in dist.worker_batches(train.x, train.y, args.batch_size, rank, workers, shuffle=True,
+                                          seed=args.seed + 1000 + epoch):
             data, label = mx.nd.array(xb), mx.nd.array(yb)
             with autograd.record():
                 logits = qnet(data)
@@ -166,9 +210,11 @@ def run(args: argparse.Namespace) -> int:
                 break
         epoch += 1
         row = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
-        if val is not None:
+        if val is not None and lead:
             row["val_accuracy"] = _accuracy(qnet, val.x, val.y, 100)
         history.append(row)
+        if not lead:
+            continue
         if not args.quiet:
             bar.write(f"epoch {epoch}: loss {row['loss']:.4f}  train top-1 {row['train_accuracy']:.4f}"
                       + (f"  val top-1 {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""), file=sys.stderr)
@@ -179,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps({"epoch": epoch, "history": history, "steps": done}, indent=2))
         os.replace(tmp, ckpt_meta)
     bar.close()
+    if isinstance(trainer, dist.DistTrainer):
+        trainer.close()
+    if not lead:
+        return 0
     params, meta = api.save(qnet, out, m.name, preprocess=m.preprocess)
     summary = {"qnet": str(out), "model": m.name, "profile": qnet._deployq["profile"], "steps": done,
                "images": len(train), "classes": train.classes, "history": history}

@@ -19,6 +19,7 @@ import numpy as np
 from mxnet import gluon
 
 from .api import quant_layers, quantize
+from .errors import EXIT_VERIFY, UsageError
 from .verify import sqnr_db
 
 LAYER_TYPES = ["Conv2D", "Dense"]
@@ -68,6 +69,10 @@ class _Evaluator:
         return s["accuracy"] if self.y is not None else s["agreement"]
 
 
+class UnknownLayerError(UsageError, ValueError):
+    """A --layers name that is not a quantized layer of the model (exit 2)."""
+
+
 def analyse(make_net: NetFactory, x_calib: np.ndarray, x: np.ndarray, y: np.ndarray | None = None,
             profile: str = "onnx", layers: list[str] | None = None, target_drop: float | None = None
             ) -> dict[str, Any]:
@@ -76,7 +81,8 @@ def analyse(make_net: NetFactory, x_calib: np.ndarray, x: np.ndarray, y: np.ndar
     layers = layers or ev.layers
     unknown = [k for k in layers if k not in ev.layers]
     if unknown:
-        raise ValueError(f"unknown layer(s) {unknown}; quantized layers: {', '.join(ev.layers)}")
+        raise UnknownLayerError(f"unknown layer(s) {unknown}; quantized layers: {', '.join(ev.layers)}",
+                                where="--layers")
     base = ev.score(config_keeping_fp32([]))
     rows = []
     for k in layers:
@@ -224,4 +230,4 @@ def run_cli(args: argparse.Namespace) -> int:
               f"({'met' if fb['met'] else 'NOT met'} target {fb['target_drop']})")
     for k, v in files.items():
         print(f"{k}: {v}")
-    return 0 if rep.get("fallback", {}).get("met", True) else 3
+    return 0 if rep.get("fallback", {}).get("met", True) else EXIT_VERIFY  # target missed: exit 4

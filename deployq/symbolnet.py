@@ -21,7 +21,7 @@ import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from .errors import InputError
+from .errors import InputError, short_message
 
 #: ops that become child blocks (the rest run as MXNet operators)
 LAYER_OPS = ("Convolution", "FullyConnected", "BatchNorm", "Activation")
@@ -65,7 +65,8 @@ class SymbolNet(gluon.HybridBlock):
     Build it with :meth:`from_files` (json + params) or :meth:`from_json` (structure only; load weights after).
     ``symbol_json`` keeps the source JSON text (``deployq.save`` stores it)."""
 
-    def __init__(self, symbol_json: str, input_shape: tuple[int, ...], source: str = "symbol") -> None:
+    def __init__(self, symbol_json: str, input_shape: tuple[int, ...], source: str = "symbol",
+                 all_outputs: bool = False) -> None:
         super().__init__(prefix="", params=None)
         self.symbol_json = symbol_json
         self.input_shape = tuple(int(v) for v in input_shape)
@@ -78,12 +79,15 @@ class SymbolNet(gluon.HybridBlock):
             raise InputError(f"{source}: not an MXNet symbol JSON ({e})",
                              fix="pass the -symbol.json written by HybridBlock.export") from None
         self._check_links()
+        if len(self._heads) > 1 and not all_outputs:  # a training-time auxiliary head (nasnet, inception)
+            self._heads = self._heads[:1]
+        self._live = self._reachable()
         try:
             sym = mx.sym.load_json(symbol_json)
             arg_shapes, _, aux_shapes = sym.infer_shape(data=self.input_shape)
         except mx.base.MXNetError as e:
             raise InputError(f"{source}: its graph does not take input shape {self.input_shape}: "
-                             f"{str(e).strip().splitlines()[0]}",
+                             f"{short_message(e)}",
                              fix="pass --input-shape N,C,H,W the model was built for") from None
         if arg_shapes is None:
             raise InputError(f"{source}: cannot infer shapes from input 'data' {self.input_shape}")
@@ -95,7 +99,9 @@ class SymbolNet(gluon.HybridBlock):
         taken: set[str] = set()
         consumed: set[int] = set()
         for i, n in enumerate(self._nodes):
-            blk = self._layer_block(n)
+            if i not in self._live:
+                continue
+            blk = self._layer_block(n, _key(n["name"], set(taken)))
             if blk is None:
                 continue
             key = _key(n["name"], taken)
@@ -104,9 +110,12 @@ class SymbolNet(gluon.HybridBlock):
             for role, (src, _, *_) in zip(self._roles(n), n["inputs"][1:], strict=False):
                 consumed.add(src)
                 self.param_sources[f"{key}.{role}"] = self._nodes[src]["name"]
+        #: node index -> a unique op name (exports with duplicated node names, e.g. xception, dla34)
+        self._op_name: dict[int, str] = {i: _key(n["name"], taken) for i, n in enumerate(self._nodes)
+                                         if n["op"] != "null" and i not in self._layer_of and i in self._live}
         for i, n in enumerate(self._nodes):
-            if (n["op"] == "null" and n["name"] != "data" and i not in consumed and n["name"] in self.shapes
-                    and not n["name"].endswith("label")):
+            if (n["op"] == "null" and n["name"] != "data" and i not in consumed and i in self._live
+                    and n["name"] in self.shapes and not n["name"].endswith("label")):
                 pkey = _key(n["name"], taken)
                 self._param_of[i] = pkey
                 p = self.params.get(pkey, shape=self.shapes[n["name"]], allow_deferred_init=True)
@@ -114,6 +123,16 @@ class SymbolNet(gluon.HybridBlock):
                 self.param_sources[pkey] = n["name"]
 
     # ------------------------------------------------------------------ building
+
+    def _reachable(self) -> set[int]:
+        """Indices of the nodes the kept heads depend on."""
+        live, todo = set(), [h[0] for h in self._heads]
+        while todo:
+            i = todo.pop()
+            if i not in live:
+                live.add(i)
+                todo.extend(src for src, *_ in self._nodes[i]["inputs"])
+        return live
 
     def _check_links(self) -> None:
         n = len(self._nodes)
@@ -138,11 +157,11 @@ class SymbolNet(gluon.HybridBlock):
         return {"Convolution": ("weight", "bias"), "FullyConnected": ("weight", "bias"),
                 "BatchNorm": ("gamma", "beta", "running_mean", "running_var")}.get(n["op"], ())
 
-    def _layer_block(self, n: dict[str, Any]) -> gluon.HybridBlock | None:
+    def _layer_block(self, n: dict[str, Any], key: str) -> gluon.HybridBlock | None:
+        """The Gluon layer that runs node ``n`` as child ``key`` (its unique name), or None (run as the op)."""
         op, a = n["op"], self._attrs(n)
         if op not in LAYER_OPS:
             return None
-        key = _key(n["name"], set())
         if op == "Convolution":
             kernel = _pair(a.get("kernel", "(1, 1)"))
             if len(kernel) != 2 or a.get("layout", "NCHW") != "NCHW":
@@ -191,7 +210,7 @@ class SymbolNet(gluon.HybridBlock):
         try:
             arrays = load_params(params)
         except Exception as e:  # noqa: BLE001 (MXNet raises its own error types for a bad file)
-            raise InputError(f"{params}: not an MXNet .params file ({str(e).strip().splitlines()[0][:200]})") from None
+            raise InputError(f"{params}: not an MXNet .params file ({short_message(e)[:200]})") from None
         ctx = ctx or mx.cpu()
         by_struct = self._collect_params_with_prefix()
         missing = [src for key, src in self.param_sources.items() if src not in arrays and not key.endswith(".gamma")]
@@ -220,6 +239,8 @@ class SymbolNet(gluon.HybridBlock):
     def hybrid_forward(self, F: Any, x: Any, **params: Any) -> Any:
         values: dict[tuple[int, int], Any] = {}
         for i, n in enumerate(self._nodes):
+            if i not in self._live:
+                continue
             if n["op"] == "null":
                 if n["name"] == "data":
                     values[(i, 0)] = x
@@ -232,17 +253,17 @@ class SymbolNet(gluon.HybridBlock):
                 continue
             args = [values[(s, k)] for s, k, *_ in n["inputs"] if (s, k) in values]
             if n["op"] == "SoftmaxOutput":  # a training head: at inference, softmax over the data input
-                values[(i, 0)] = F.softmax(args[0], axis=-1, name=n["name"])
+                values[(i, 0)] = F.softmax(args[0], axis=-1, name=self._op_name[i])
                 continue
             fn = _op_function(F, n["op"])
             if fn is None:
                 raise InputError(f"{self.source}: node {n['name']!r}: op {n['op']} is not an MXNet {mx.__version__} "
                                  "operator")
             try:
-                out = fn(*args, **self._attrs(n), name=n["name"])
+                out = fn(*args, **self._attrs(n), name=self._op_name[i])
             except mx.base.MXNetError as e:
                 raise InputError(f"{self.source}: node {n['name']!r}: op {n['op']} does not run with its attributes "
-                                 f"({str(e).strip().splitlines()[0][:160]})") from None
+                                 f"({short_message(e)[:160]})") from None
             if isinstance(out, (list, tuple)) or (F is mx.sym and len(out.list_outputs()) > 1):
                 for k in range(len(out)):
                     values[(i, k)] = out[k]

@@ -114,16 +114,42 @@ def check_engine(man: dict[str, Any], engine: str, where: str | Path) -> None:
                      f"(files: {', '.join(missing)}){hint}")
 
 
+def tengine_runtime() -> tuple[Any, str]:
+    """(Tengine's tools, what runs) when ``TENGINE_CONVERT_TOOL``/``TENGINE_QUANT_TOOL``/``TENGINE_LIB`` name
+    them (``../shared/engines/build.sh`` prints them), else (None, deployq's NumPy model and why)."""
+    from deployq.exporters.tengine.runtime import find_tools
+
+    tools, why = find_tools()
+    if tools is not None:
+        return tools, (f"Tengine's runtime ({tools.lib}; int8 tmfile from convert_tool + quant_tool_int8 -f with "
+                       "the export's table)")
+    return None, f"deployq's NumPy model of Tengine's x86 int8 kernels (Tengine's tools not found: {why})"
+
+
 @runner("tengine")
 def run_tengine(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Tengine's int8 arithmetic on the exported json/params + scale table: deployq's NumPy model of Tengine's x86
-    kernels (``exporters/tengine/reference.py``, tengine-int8.md §3.4/§5). Tengine's own runtime is not in the
-    pinned stack; tests/engines runs it when built from ../shared/engines."""
+    """The export in Tengine's own runtime when its tools are found (:func:`tengine_runtime`): convert_tool,
+    quant_tool_int8 with the export's scale table, one batch-1 run per image; else deployq's NumPy model of
+    Tengine's x86 kernels (``exporters/tengine/reference.py``, tengine-int8.md §3.4/§5)."""
+    import tempfile
+
     from deployq.exporters.tengine.reference import TengineReference
 
-    p = man["paths"]
-    ref = TengineReference(p["symbol"], p["params"], p["table"], tuple(man["input"]["shape"]))
-    return ref(x), {}
+    p, shape = man["paths"], tuple(man["input"]["shape"])
+    tools, _ = tengine_runtime()
+    if tools is None:
+        return TengineReference(p["symbol"], p["params"], p["table"], shape)(x), {}
+    from deployq.exporters.tengine.runtime import TengineGraph, TengineRuntimeError, build_int8_tmfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="deployq-verify-") as tmp:
+            tm = build_int8_tmfile(Path(p["symbol"]).parent, Path(tmp) / "model-int8.tmfile", tools)
+            with TengineGraph(tm, shape, tools.lib) as g:
+                codes = g.outputs(x)
+                step = np.float32(g.out_step)
+    except TengineRuntimeError as e:
+        raise ValueError(f"{Path(p['symbol']).parent}: {e}") from None
+    return codes.reshape(len(x), -1).astype(np.float32) * step, {}
 
 
 def tengine_reference(man: dict[str, Any], x: np.ndarray) -> Reference:
@@ -455,8 +481,7 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str | None =
     rep: dict[str, Any] = {
         "engine": engine, "export_dir": str(export_dir), "model": man.get("model"), "images": int(len(x)),
         "reference": ref.source, "output_step": step,
-        **({"runtime": "deployq's NumPy model of Tengine's x86 int8 kernels (Tengine's runtime is not in the "
-                       "pinned stack)"} if engine == "tengine" else {}),
+        **({"runtime": tengine_runtime()[1]} if engine == "tengine" else {}),
         "agreement_sim": float((out.argmax(1) == sim.argmax(1)).mean()),
         "agreement_sim_ties": float(agree_ties.mean()), "near_ties": int((agree_ties & ~agree).sum()),
         "agreement_fp32": float((out.argmax(1) == f32.argmax(1)).mean()),

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-BREACH_EXIT = 3
+from .errors import EXIT_VERIFY as BREACH_EXIT  # deployq.errors: usage 2, bad input 3, breach 4
 
 
 def register(subparsers) -> None:

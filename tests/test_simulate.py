@@ -67,10 +67,10 @@ def test_bad_options(capsys) -> None:
         main(["simulate", "--quant-type", "tensor"])
     assert e.value.code == 2
     assert "layer" in capsys.readouterr().err
-    assert main(["simulate", "--profile", "ncnn", "--weight-bits", "9", "--quiet"]) == 1
+    assert main(["simulate", "--profile", "ncnn", "--weight-bits", "9", "--quiet"]) == 3  # bad input (deployq.errors)
     err = capsys.readouterr().err
     assert "quant_bits" in err and "ncnn" in err
-    assert main(["simulate", "--batch-size", "0", "--quiet"]) == 1
+    assert main(["simulate", "--batch-size", "0", "--quiet"]) == 3
     assert "--batch-size" in capsys.readouterr().err
 
 

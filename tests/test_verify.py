@@ -40,7 +40,7 @@ def test_cli_gate_and_json(export_dir, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["engine"] == "onnxruntime" and rep["passed"]
     # an impossible threshold is a breach -> exit 3
-    assert main(["verify", str(export_dir), "--limit", "50", "--no-layers", "--max-error-steps", "0"]) == 3
+    assert main(["verify", str(export_dir), "--limit", "50", "--no-layers", "--max-error-steps", "0"]) == 4  # breach
     assert "FAILED" in capsys.readouterr().out
 
 
@@ -114,7 +114,7 @@ def test_mxnet_engine_reproduces_the_simulation(ncnn_dir, export_dir):
 
 def test_engine_mismatch_is_a_clear_error(export_dir, capsys):
     capsys.readouterr()
-    assert main(["verify", str(export_dir), "--engine", "ncnn", "--limit", "5"]) == 1
+    assert main(["verify", str(export_dir), "--engine", "ncnn", "--limit", "5"]) == 3  # bad input
     err = capsys.readouterr().err
     assert "this export was written for onnxruntime; its manifest has no ncnn model" in err
     assert "use --engine onnxruntime" in err

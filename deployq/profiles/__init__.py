@@ -24,7 +24,11 @@ OUTPUT_MODES = ("none", "non_layer_consumers")
 @dataclass(frozen=True)
 class TensorGrid:
     """An integer grid: ``bits``, signedness and whether the most negative code is dropped (narrow range:
-    int8 -> [-127, 127] as ncnn and Tengine use; full range -> [-128, 127])."""
+    int8 -> [-127, 127] as ncnn and Tengine use; full range -> [-128, 127]).
+
+    Weights: ``granularity`` for a plain Conv/Dense, ``depthwise_granularity`` for a depthwise conv and
+    ``grouped_granularity`` for a grouped conv with ``1 < groups < channels`` (ncnn's ConvolutionDepthWise keeps
+    one weight scale per group: ``group``); ``group`` on a conv with one group is per channel."""
 
     bits: int = 8
     signed: bool = True
@@ -32,6 +36,7 @@ class TensorGrid:
     symmetric: bool = True
     granularity: str = "layer"
     depthwise_granularity: str = "group"
+    grouped_granularity: str = "channel"
     allow_unsigned: bool = True
 
     @property

@@ -208,5 +208,8 @@ class Quantizer:
         return np.broadcast_to(amax / (grid.qmax if grid else 127), (w.shape[0],)).astype(np.float32)
 
     def weight_threshold(self, wf: np.ndarray, step: np.ndarray) -> np.ndarray:
-        """The per-output-channel threshold the exporters record for the weight (max|W_f| by default)."""
-        return np.abs(wf.reshape(wf.shape[0], -1)).max(1).astype(np.float32)
+        """The per-output-channel threshold the exporters record for the weight: by default max|W_f| over the
+        channel's quantization unit (the layer, its group or the channel itself, :meth:`units`)."""
+        a = np.abs(wf.reshape(wf.shape[0], -1))
+        units = self.units() if self.config.weight is not None else a.shape[0]
+        return np.repeat(a.reshape(units, -1).max(1), a.shape[0] // units).astype(np.float32)

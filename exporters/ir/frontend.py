@@ -11,9 +11,11 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 from deployq.exporters.ir.graph import PARAM_ROLES, Graph, GraphError, Node
-from deployq.exporters.ir.ops import OP_ALIASES, OP_ATTRS, parse_attrs, unsupported_op
+from deployq.exporters.ir.ops import OP_ALIASES, OP_FORM_ACTIVATIONS, SUPPORTED_OPS, parse_attrs, unsupported_op
 from mxnet import gluon
 
+from deployq.checks import check_graph_batchnorm
+from deployq.errors import short_message
 from deployq.naming import node_path, prefix_map
 
 NUMPY_MODE_MAGIC = 0xF993FACA
@@ -34,7 +36,7 @@ def _float_mode(net: gluon.Block) -> contextlib.AbstractContextManager:
 
 
 def from_gluon(net: gluon.HybridBlock, input_shape: tuple[int, ...] = (1, 3, 32, 32),
-               name: str = "model") -> Graph:
+               name: str = "model", all_outputs: bool = False) -> Graph:
     """Trace ``net`` symbolically and name nodes and params by structural path (``features.0``).
 
     A deployq-quantized net is traced inside ``deployq.float_mode`` (its fp32 graph, no fake quantization).
@@ -54,11 +56,11 @@ def from_gluon(net: gluon.HybridBlock, input_shape: tuple[int, ...] = (1, 3, 32,
     used = set(out.list_arguments()) | set(out.list_auxiliary_states())
     params = {p.name: p.data(mx.cpu()).asnumpy() for p in net.collect_params().values() if p.name in used}
     return _from_json(out.tojson(), params, input_shape, name=name, source=f"Gluon net {type(net).__name__}",
-                      rename=lambda s: node_path(s, prefixes))
+                      rename=lambda s: node_path(s, prefixes), all_outputs=all_outputs)
 
 
 def from_files(symbol_json: str | Path, params: str | Path, input_shape: tuple[int, ...] = (1, 3, 32, 32),
-               name: str | None = None) -> Graph:
+               name: str | None = None, all_outputs: bool = False) -> Graph:
     """Read ``x-symbol.json`` and ``x-0000.params`` (legacy MXNet format; ``arg:``/``aux:`` are stripped)."""
     symbol_json, params = Path(symbol_json), Path(params)
     try:
@@ -69,7 +71,8 @@ def from_files(symbol_json: str | Path, params: str | Path, input_shape: tuple[i
     arrays = load_params(params)
     if name is None:
         name = symbol_json.name.removesuffix(".json").removesuffix("-symbol")
-    return _from_json(text, arrays, input_shape, name=name, source=str(symbol_json), params_file=str(params))
+    return _from_json(text, arrays, input_shape, name=name, source=str(symbol_json), params_file=str(params),
+                      all_outputs=all_outputs)
 
 
 def load_params(path: str | Path) -> dict[str, np.ndarray]:
@@ -86,7 +89,7 @@ def load_params(path: str | Path) -> dict[str, np.ndarray]:
     try:
         loaded = mx.nd.load(str(path))
     except mx.base.MXNetError as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = short_message(e) if str(e).strip() else type(e).__name__
         raise GraphError(f"{path}: corrupt or truncated MXNet params file ({msg})") from None
     if not isinstance(loaded, dict):
         raise GraphError(f"{path}: params file holds an unnamed list of arrays; "
@@ -102,8 +105,23 @@ def _unique(name: str, taken: set[str]) -> str:
     return out
 
 
+def keep_outputs(g: Graph, outputs: list[str]) -> Graph:
+    """``g`` with only ``outputs`` (an auxiliary training head dropped) and the nodes they depend on."""
+    need, keep = set(outputs), []
+    for n in reversed(g.nodes):
+        if any(t in need for t in n.outputs):
+            keep.append(n)
+            need.update(n.inputs)
+    used = {k for n in keep for k in n.params.values()}
+    return Graph(keep[::-1], {k: v for k, v in g.params.items() if k in used}, list(outputs), g.input_shape,
+                 g.input_name, g.name, source=g.source)
+
+
 def _from_json(text: str, params: dict[str, np.ndarray], input_shape: tuple[int, ...], name: str, source: str,
-               rename: Callable[[str], str] = lambda s: s, params_file: str | None = None) -> Graph:
+               rename: Callable[[str], str] = lambda s: s, params_file: str | None = None,
+               all_outputs: bool = False) -> Graph:
+    """The IR of a symbol JSON. Only the first output is kept (calibration, simulation and the engines
+    run the primary head; a second head is a training-time auxiliary classifier) unless ``all_outputs``."""
     where_params = params_file or source
     js = json.loads(text)
     try:
@@ -139,12 +157,17 @@ def _from_json(text: str, params: dict[str, np.ndarray], input_shape: tuple[int,
         op = OP_ALIASES.get(jn["op"], jn["op"])
         nname = _unique(rename(jn["name"]), taken)
         where = f"{source}: node {jn['name']!r}" + (f" ({nname})" if nname != jn["name"] else "")
-        if op not in OP_ATTRS:
+        if op not in SUPPORTED_OPS:
             raise unsupported_op(where, jn["op"])
-        attrs = parse_attrs(op, jn.get("attrs", jn.get("attr", {})) or {}, where)
+        raw = jn.get("attrs", jn.get("attr", {})) or {}
+        if jn["op"] in OP_FORM_ACTIVATIONS:  # F.relu(x) / F.sigmoid(x): Activation with that act_type
+            raw = {"act_type": jn["op"]}
+        attrs = parse_attrs(op, raw, where)
         inputs, pkeys = [], {}
         roles = iter(PARAM_ROLES.get(op, ()))
         for src, idx, *_ in jn["inputs"]:
+            if not isinstance(src, int) or not 0 <= src < i:
+                raise GraphError(f"{where}: input {src!r} is not an earlier node (the JSON has {len(jnodes)} nodes)")
             if src in param_key:
                 pkeys[next(roles, f"param{len(pkeys)}")] = param_key[src]
             elif (src, idx) in tensor_of:
@@ -156,9 +179,14 @@ def _from_json(text: str, params: dict[str, np.ndarray], input_shape: tuple[int,
                                  "which the IR does not represent (only first outputs are supported)")
         tensor_of[(i, 0)] = nname
         nodes.append(Node(op, nname, inputs, [nname], attrs, pkeys))
+    if any((h[0], h[1]) not in tensor_of for h in heads):
+        raise GraphError(f"{source}: 'heads' {heads} name a node output the graph does not have")
     outputs = [tensor_of[(h[0], h[1])] for h in heads]
     g = Graph(nodes, out_params, outputs, tuple(input_shape), "data", name, source=source)
+    if len(outputs) > 1 and not all_outputs:
+        g = keep_outputs(g, outputs[:1])
     _check_shapes(g)
+    check_graph_batchnorm(g, where_params)  # a negative / non-finite moving_var: refused
     return g
 
 
@@ -171,7 +199,7 @@ def _check_shapes(g: Graph) -> None:
         arg_shapes, _, aux_shapes = sym.infer_shape(data=g.input_shape)
     except mx.base.MXNetError as e:
         raise GraphError(f"{g.source}: shapes do not fit input {g.input_shape}: "
-                         f"{str(e).strip().splitlines()[0]}") from None
+                         f"{short_message(e)}") from None
     shapes = dict(zip(sym.list_arguments(), arg_shapes, strict=True))
     shapes.update(zip(sym.list_auxiliary_states(), aux_shapes, strict=True))
     for key, arr in g.params.items():

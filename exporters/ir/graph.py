@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from deployq.errors import InputError
+
 #: MXNet op -> parameter roles in MXNet's input order (after the data input).
 PARAM_ROLES: dict[str, tuple[str, ...]] = {
     "Convolution": ("weight", "bias"),
@@ -22,11 +24,11 @@ PARAM_ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
-class UnsupportedOpError(ValueError):
+class UnsupportedOpError(InputError, ValueError):
     """An MXNet op the IR cannot represent."""
 
 
-class GraphError(ValueError):
+class GraphError(InputError, ValueError):
     """A malformed model file or graph (missing/corrupt params, NaN weights, bad structure)."""
 
 

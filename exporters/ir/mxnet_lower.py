@@ -65,7 +65,69 @@ def _op_symbol(n: Node, xs: list[mx.sym.Symbol], p: dict[str, mx.sym.Symbol]) ->
     if n.op == "SoftmaxOutput":  # inference forward of SoftmaxOutput == instance softmax over flattened input
         mode = "channel" if a["multi_output"] else "instance"
         return mx.sym.SoftmaxActivation(xs[0], mode=mode, name=name)
+    if n.op in SHAPE_AND_POINTWISE:
+        return SHAPE_AND_POINTWISE[n.op](n, xs)
     raise ValueError(f"mxnet_lower: node {name}: no lowering for op {n.op}")
+
+
+def _opt(v: object) -> str:
+    return "None" if v is None else str(v)
+
+
+def _slice(n: Node, xs: list[mx.sym.Symbol]) -> mx.sym.Symbol:
+    a = n.attrs
+    kw = {"step": "(" + ",".join(_opt(v) for v in a["step"]) + ",)"} if a["step"] else {}
+    return mx.sym.slice(xs[0], begin="(" + ",".join(_opt(v) for v in a["begin"]) + ",)",
+                        end="(" + ",".join(_opt(v) for v in a["end"]) + ",)", name=n.name, **kw)
+
+
+def _bilinear(n: Node, xs: list[mx.sym.Symbol]) -> mx.sym.Symbol:
+    a = n.attrs
+    kw = {k: a[k] for k in ("scale_height", "scale_width") if a[k] is not None}
+    return mx.sym.contrib.BilinearResize2D(xs[0], height=a["height"], width=a["width"], mode=a["mode"],
+                                           align_corners=a["align_corners"], name=n.name, **kw)
+
+
+def _shuffle(n: Node, xs: list[mx.sym.Symbol]) -> mx.sym.Symbol:
+    g = n.attrs["group"]
+    y = mx.sym.swapaxes(mx.sym.reshape(xs[0], shape=(0, -4, g, -1, -2)), dim1=1, dim2=2)
+    return mx.sym.reshape(y, shape=(0, -3, -2), name=n.name)
+
+
+def _hard_sigmoid(x: mx.sym.Symbol, n: Node, name: str | None = None) -> mx.sym.Symbol:
+    return mx.sym.clip(x * n.attrs["alpha"] + n.attrs["beta"], a_min=0, a_max=1, name=name)
+
+
+#: MXNet lowering of the shape, resize and pointwise ops (one entry per op).
+SHAPE_AND_POINTWISE: dict[str, Callable[[Node, list[mx.sym.Symbol]], mx.sym.Symbol]] = {
+    "Reshape": lambda n, xs: mx.sym.reshape(xs[0], shape=n.attrs["shape"], reverse=n.attrs["reverse"],
+                                            name=n.name),
+    "expand_dims": lambda n, xs: mx.sym.expand_dims(xs[0], axis=n.attrs["axis"], name=n.name),
+    "SwapAxis": lambda n, xs: mx.sym.swapaxes(xs[0], dim1=n.attrs["dim1"], dim2=n.attrs["dim2"], name=n.name),
+    "slice_axis": lambda n, xs: mx.sym.slice_axis(xs[0], axis=n.attrs["axis"], begin=n.attrs["begin"],
+                                                  end=n.attrs["end"], name=n.name),
+    "slice": _slice,
+    "Pad": lambda n, xs: mx.sym.pad(xs[0], mode=n.attrs["mode"], pad_width=n.attrs["pad_width"],
+                                    constant_value=n.attrs["constant_value"], name=n.name),
+    "sum": lambda n, xs: mx.sym.sum(xs[0], axis=n.attrs["axis"] or None, keepdims=n.attrs["keepdims"],
+                                    exclude=n.attrs["exclude"], name=n.name),
+    "_contrib_AdaptiveAvgPooling2D": lambda n, xs: mx.sym.contrib.AdaptiveAvgPooling2D(
+        xs[0], output_size=n.attrs["output_size"], name=n.name),
+    "_contrib_BilinearResize2D": _bilinear,
+    "UpSampling": lambda n, xs: mx.sym.UpSampling(*xs, scale=n.attrs["scale"], sample_type=n.attrs["sample_type"],
+                                                  num_args=len(xs), name=n.name),
+    "elemwise_mul": lambda n, xs: mx.sym.elemwise_mul(*xs, name=n.name),
+    "ones_like": lambda n, xs: mx.sym.ones_like(xs[0], name=n.name),
+    "_plus_scalar": lambda n, xs: mx.sym._internal._plus_scalar(xs[0], scalar=n.attrs["scalar"], name=n.name),
+    "_minus_scalar": lambda n, xs: mx.sym._internal._minus_scalar(xs[0], scalar=n.attrs["scalar"], name=n.name),
+    "_rminus_scalar": lambda n, xs: mx.sym._internal._rminus_scalar(xs[0], scalar=n.attrs["scalar"],
+                                                                    name=n.name),
+    "_mul_scalar": lambda n, xs: mx.sym._internal._mul_scalar(xs[0], scalar=n.attrs["scalar"], name=n.name),
+    "_div_scalar": lambda n, xs: mx.sym._internal._div_scalar(xs[0], scalar=n.attrs["scalar"], name=n.name),
+    "ShuffleChannel": _shuffle,
+    "HardSigmoid": lambda n, xs: _hard_sigmoid(xs[0], n, n.name),
+    "HardSwish": lambda n, xs: mx.sym.elemwise_mul(xs[0], _hard_sigmoid(xs[0], n), name=n.name),
+}
 
 
 def to_symbol(graph: Graph, hook: TensorHook | None = None, outputs: Iterable[str] | None = None,

@@ -31,6 +31,22 @@ def parse_optional_float(s: str) -> float | None:
     return None if s.strip() == "None" else float(s)
 
 
+def parse_optional_int(s: str) -> int | None:
+    return None if s.strip() == "None" else int(s)
+
+
+def parse_optional_tuple(s: str) -> tuple[int | None, ...]:
+    """``"(0, None, 1)"`` -> ``(0, None, 1)`` (slice bounds)."""
+    body = s.strip().strip("()[]").strip()
+    return tuple(None if v.strip() == "None" else int(v) for v in body.split(",") if v.strip()) if body else ()
+
+
+def parse_size(s: str) -> tuple[int, ...]:
+    """An int or a tuple (``output_size``): ``"1"`` -> ``(1, 1)``, ``"(2, 3)"`` -> ``(2, 3)``."""
+    t = parse_tuple(s)
+    return t * 2 if len(t) == 1 else t
+
+
 Parser = Callable[[str], Any]
 
 #: op -> {attr: (parser, default)}; attrs not listed are ignored (e.g. cudnn_tune, workspace, layout=None).
@@ -57,11 +73,50 @@ OP_ATTRS: dict[str, dict[str, tuple[Parser, Any]]] = {
     "softmax": {"axis": (int, -1), "temperature": (parse_optional_float, None)},
     "SoftmaxActivation": {"mode": (str, "instance")},
     "SoftmaxOutput": {"multi_output": (parse_bool, False)},
+    # shape and layout ops (resolved or lowered per engine)
+    "Reshape": {"shape": (parse_tuple, ()), "reverse": (parse_bool, False)},
+    "expand_dims": {"axis": (int, 0)},
+    "SwapAxis": {"dim1": (int, 0), "dim2": (int, 0)},
+    "slice_axis": {"axis": (int, 0), "begin": (int, 0), "end": (parse_optional_int, None)},
+    "slice": {"begin": (parse_optional_tuple, ()), "end": (parse_optional_tuple, ()),
+              "step": (parse_optional_tuple, ())},
+    "Pad": {"mode": (str, "constant"), "pad_width": (parse_tuple, ()), "constant_value": (float, 0.0)},
+    "sum": {"axis": (parse_tuple, ()), "keepdims": (parse_bool, False), "exclude": (parse_bool, False)},
+    # pooling and resizing
+    "_contrib_AdaptiveAvgPooling2D": {"output_size": (parse_size, (1, 1))},
+    "_contrib_BilinearResize2D": {"height": (int, 1), "width": (int, 1),
+                                  "scale_height": (parse_optional_float, None),
+                                  "scale_width": (parse_optional_float, None), "mode": (str, "size"),
+                                  "align_corners": (parse_bool, True)},
+    "UpSampling": {"scale": (int, 1), "sample_type": (str, "nearest"), "num_args": (int, 1),
+                   "multi_input_mode": (str, "concat")},
+    # elementwise
+    "elemwise_mul": {},
+    "ones_like": {},
+    "_plus_scalar": {"scalar": (float, 0.0)},
+    "_minus_scalar": {"scalar": (float, 0.0)},
+    "_rminus_scalar": {"scalar": (float, 0.0)},
+    "_mul_scalar": {"scalar": (float, 1.0)},
+    "_div_scalar": {"scalar": (float, 1.0)},
+    # deployq's own ops, made by the normalising passes (exporters/ir/normalize/); never read from a file
+    "ShuffleChannel": {"group": (int, 1)},
+    "HardSigmoid": {"alpha": (float, 1 / 6), "beta": (float, 0.5)},
+    "HardSwish": {"alpha": (float, 1 / 6), "beta": (float, 0.5)},
 }
-SUPPORTED_OPS: tuple[str, ...] = tuple(OP_ATTRS)
+#: ops the passes create; a model file that names one is refused like any unknown op.
+INTERNAL_OPS = ("ShuffleChannel", "HardSigmoid", "HardSwish")
+SUPPORTED_OPS: tuple[str, ...] = tuple(op for op in OP_ATTRS if op not in INTERNAL_OPS)
 #: MXNet aliases written by some front ends, mapped to the canonical op name.
 OP_ALIASES = {"_Plus": "elemwise_add", "_plus": "elemwise_add", "_add": "elemwise_add",
-              "Softmax": "SoftmaxOutput", "relu": "Activation"}  # relu: Activation's default act_type
+              "Softmax": "SoftmaxOutput", "relu": "Activation", "sigmoid": "Activation",
+              "_PlusScalar": "_plus_scalar", "_MinusScalar": "_minus_scalar", "_MulScalar": "_mul_scalar",
+              "_DivScalar": "_div_scalar", "_RMinusScalar": "_rminus_scalar", "_Mul": "elemwise_mul",
+              "_mul": "elemwise_mul", "swapaxes": "SwapAxis", "reshape": "Reshape", "pad": "Pad",
+              "sum_axis": "sum"}  # relu: Activation's default act_type
+
+
+#: operator forms of activations (``F.relu(x)``): read as ``Activation`` with ``act_type`` = the op name.
+OP_FORM_ACTIVATIONS = ("relu", "sigmoid")
 
 
 def parse_attrs(op: str, raw: dict[str, str], where: str) -> dict[str, Any]:

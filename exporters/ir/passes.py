@@ -32,13 +32,14 @@ def fold_batchnorm(g: Graph) -> Graph:
     """Fold each BatchNorm into the Conv/FC that feeds it (BN's own eps and fix_gamma):
     ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
 
-    A BN whose input tensor has another consumer (fan-out) stays. The folded tensor keeps the conv's name;
+    A BN whose input tensor has another consumer (fan-out), or a second BN after an already folded one (the
+    quantized net folds one), stays. The folded tensor keeps the conv's name;
     ``g.aliases`` maps the BN's name to it.
     """
     g = g.copy()
     for bn in [n for n in g.nodes if n.op == "BatchNorm"]:
         conv = foldable_batchnorm(g, bn)
-        if conv is None:
+        if conv is None or "folded_bn" in conv.attrs:  # one BN per conv, as deployq.quantize folds them
             continue
         gamma = np.ones_like(g.param(bn, "gamma")) if bn.attrs["fix_gamma"] else g.param(bn, "gamma")
         var = g.param(bn, "moving_var").astype(np.float64)
@@ -85,5 +86,8 @@ def mark_fusable_activations(g: Graph) -> Graph:
 
 
 def optimize(g: Graph) -> Graph:
-    """The standard pipeline: drop Dropout, fold BatchNorm, mark fusable activations."""
-    return mark_fusable_activations(fold_batchnorm(drop_dropout(g)))
+    """The standard pipeline: normalise MXNet idioms (``normalize``), drop Dropout, fold BatchNorm, mark
+    fusable activations."""
+    from deployq.exporters.ir.normalize import normalize
+
+    return mark_fusable_activations(fold_batchnorm(drop_dropout(normalize(g))))

@@ -86,16 +86,21 @@ def _input_quant(lo: float, hi: float, bits: int, signed: bool, symmetric: bool,
     return InputQuant(max(abs(lo0), hi0), lo, hi, bits, signed, False, qmin, qmax, step, zp)
 
 
-def weight_quant_maxabs(w: np.ndarray, bits: int = 8, qmax: int | None = None) -> WeightQuant:
-    """Per-output-channel max-abs quantization of ``w`` (the engines' own rule)."""
+def weight_quant_maxabs(w: np.ndarray, bits: int = 8, qmax: int | None = None, groups: int = 1) -> WeightQuant:
+    """Per-output-channel max-abs quantization of ``w`` (the engines' own rule); with ``1 < groups < channels``
+    per group of output channels instead (one max-abs per group, repeated on its channels)."""
     qmax = qmax or 2 ** (bits - 1) - 1
     amax = np.abs(w.reshape(w.shape[0], -1)).max(1).astype(np.float32)
+    per_group = 1 < groups < len(amax)
+    if per_group:
+        amax = np.repeat(amax.reshape(groups, -1).max(1), len(amax) // groups)
     mult = np.where(amax > 0, np.float32(qmax) / np.where(amax > 0, amax, 1), 1).astype(np.float32)
     shape = (-1,) + (1,) * (w.ndim - 1)
     # np_quantize's multiplier convention takes the step and multiplies by its reciprocal; ncnn computes
     # round(w * multiplier) with the multiplier itself, so round here directly (half away from zero).
     codes = np.clip(np_round_half_away(w.astype(np.float32) * mult.reshape(shape)), -qmax, qmax).astype(np.int32)
-    return WeightQuant(codes, (amax / np.float32(qmax)).astype(np.float32), amax, -qmax, qmax, bits, "channel")
+    return WeightQuant(codes, (amax / np.float32(qmax)).astype(np.float32), amax, -qmax, qmax, bits,
+                       "group" if per_group else "channel")
 
 
 def _set_weights(g: Graph, node, w: np.ndarray, b: np.ndarray) -> None:
@@ -173,7 +178,8 @@ def attach_qnet(g: Graph, qnet: Any, check_tol: float = 1e-3) -> Graph:
 
 def attach_scales(g: Graph, scales: dict[str, Any], profile: str | Profile | None = None) -> Graph:
     """Copy of ``g`` (already optimized) quantized from a scale file: every layer with an ``<layer>:input``
-    entry gets max-abs per-channel weights on the profile's grid and the file's input grid."""
+    entry gets max-abs per-channel weights on the profile's grid (per group for a grouped conv where the profile's
+    ``grouped_granularity`` is ``group``, as ``deployq.quantize`` does) and the file's input grid."""
     prof = load_profile(profile or scales.get("profile") or "ncnn")
     g = g.copy()
     layers = scales.get("layers", {})
@@ -187,7 +193,9 @@ def attach_scales(g: Graph, scales: dict[str, Any], profile: str | Profile | Non
             raise GraphError(f"scale file entry {key!r}: the graph has no layer {layer!r}") from None
         bits = int((layers.get(layer) or {}).get("weight_bits") or prof.weight.bits)
         w = g.param(node, "weight")
-        node.attrs["wq"] = weight_quant_maxabs(w, bits)
+        groups = int(node.attrs.get("num_group", 1)) if node.op == "Convolution" else 1
+        node.attrs["wq"] = weight_quant_maxabs(w, bits, groups=groups if prof.weight.grouped_granularity == "group"
+                                               else 1)
         signed = bool(e.get("signed", True))
         symmetric = bool(e.get("symmetric", True))
         ebits = int(e.get("bits", 8))

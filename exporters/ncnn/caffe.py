@@ -2,7 +2,8 @@
 
 Layer names are the IR node names, so caffe2ncnn's ncnn layers carry the names the ncnn scale table uses.
 Activations whose input has no other use work in place (Caffe style; caffe2ncnn renames their tops).
-Pooling: Caffe rounds output sizes up; a pooling whose MXNet size or windows would differ is refused.
+Pooling: Caffe rounds output sizes up; where MXNet floors to one row/column less, a Slice drops Caffe's extra
+tail window; a pooling whose windows would differ is refused.
 
 Squeeze-excitation (as the ncnn lowering): a 1x1 convolution on a globally pooled tensor is an ``InnerProduct``
 (output (N, C), a 1-D blob in ncnn, like the direct model's InnerProduct); ``broadcast_mul(x, s)`` of a 4-D
@@ -50,22 +51,35 @@ def caffe_pool_size(size: int, k: int, s: int, p: int) -> int:
     return out
 
 
-def check_pooling(node: Node, in_shape: tuple[int, ...]) -> None:
-    """Refuse a pooling that Caffe would compute differently (output size or tail windows)."""
+def check_pooling(node: Node, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """MXNet's output size per spatial axis where Caffe's ceil gives one more row/column that a Slice after
+    the pooling drops (0 where the sizes agree); refuse a pooling Caffe would compute differently."""
     a = node.attrs
     if a["global_pool"]:
-        return
+        return (0, 0)
+    crop = []
     for size, k, s, p in zip(in_shape[2:], a["kernel"], a["stride"], a["pad"], strict=True):
         exact = (size + 2 * p - k) % s == 0
         mx_out = (size + 2 * p - k) // s + 1 + (0 if exact or a["pooling_convention"] == "valid" else 1)
-        if caffe_pool_size(size, k, s, p) != mx_out or not exact:
+        caffe = caffe_pool_size(size, k, s, p)
+        # valid (floor): every MXNet window lies inside the padded input, where Caffe's windows are the same;
+        # Caffe's one extra tail window is sliced off
+        if a["pooling_convention"] == "valid" and caffe in (mx_out, mx_out + 1):
+            crop.append(mx_out if caffe == mx_out + 1 else 0)
+            continue
+        # max pooling: equal sizes give equal windows (both clip a tail window at the edge)
+        if caffe != mx_out or not (exact or a["pool_type"] == "max"):
             raise UnsupportedOpError(
                 f"{node.name}: Pooling kernel {k} stride {s} pad {p} on size {size} ({a['pooling_convention']}): "
-                f"MXNet gives {mx_out}, Caffe (ceil) gives {caffe_pool_size(size, k, s, p)} or other tail windows; "
+                f"MXNet gives {mx_out}, Caffe (ceil) gives {caffe} or other tail windows; "
                 "Caffe cannot reproduce it")
-    if a["pool_type"] == "avg" and a["count_include_pad"] is False and any(a["pad"]):
-        raise UnsupportedOpError(f"{node.name}: padded average pooling with count_include_pad=False "
-                                 "(Caffe counts padding)")
+        crop.append(0)
+    if a["pool_type"] == "avg" and a["count_include_pad"] is not False and any(a["pad"]):
+        # caffe2ncnn writes no avgpool_count_include_pad (ncnn's default 0): ncnn then divides by the window's
+        # elements inside the image, MXNet's count_include_pad=True by the whole window
+        raise UnsupportedOpError(f"{node.name}: padded average pooling with count_include_pad=True: the model "
+                                 "caffe2ncnn writes excludes the padding from the average (ncnn's default)")
+    return tuple(crop)
 
 
 def _set_hw(param, name: str, v: tuple[int, int], repeated: bool) -> None:
@@ -188,9 +202,18 @@ def to_caffe(g: Graph) -> pb.NetParameter:
             sc.blobs.extend([_blob(np.ones_like(gamma) if node.attrs["fix_gamma"] else gamma),
                              _blob(g.param(node, "beta"))])
         elif node.op == "Pooling":
-            check_pooling(node, shapes[node.inputs[0]])
+            crop = check_pooling(node, shapes[node.inputs[0]])
             a = node.attrs
-            ly = net.layer.add(name=node.name, type="Pooling", bottom=xs, top=[top])
+            pooled = f"{top}_caffe_ceil" if any(crop) else top
+            ly = net.layer.add(name=node.name, type="Pooling", bottom=xs, top=[pooled])
+            for axis, keep in zip((2, 3), crop, strict=True):
+                if keep:  # drop Caffe's extra last row (axis 2) / column (axis 3)
+                    out = top if axis == 3 or not crop[1] else f"{top}_caffe_rows"
+                    sl = net.layer.add(name=f"{node.name}_crop{axis}", type="Slice", bottom=[pooled],
+                                       top=[out, f"{node.name}_crop{axis}_tail"])
+                    sl.slice_param.axis = axis
+                    sl.slice_param.slice_point.append(keep)
+                    pooled = out
             pp = ly.pooling_param
             if a["pool_type"] not in ("max", "avg"):
                 raise UnsupportedOpError(f"{node.name}: pool_type {a['pool_type']}")
@@ -214,6 +237,20 @@ def to_caffe(g: Graph) -> pb.NetParameter:
             axis = node.attrs["axis"] % rank if node.op == "softmax" else 1
             ly = net.layer.add(name=node.name, type="Softmax", bottom=xs, top=[top])
             ly.softmax_param.axis = axis
+        elif node.op == "Reshape" and node.inputs[0] in vectors and len(shapes[node.output]) in (2, 4) \
+                and int(np.prod(shapes[node.output][2:])) == 1:
+            top = xs[0]  # a per-channel vector stays one (squeeze-excitation's expand_dims): no layer
+        elif node.op == "ShuffleChannel":
+            ly = net.layer.add(name=node.name, type="ShuffleChannel", bottom=xs, top=[top])
+            ly.shuffle_channel_param.group = node.attrs["group"]
+        elif node.op == "slice_axis" and node.attrs["axis"] % len(shapes[node.inputs[0]]) == 1:
+            c = shapes[node.inputs[0]][1]
+            b, e = slice(node.attrs["begin"], node.attrs["end"]).indices(c)[:2]
+            points = [p for p in (b, e) if 0 < p < c]
+            tops = ([f"{node.name}_head"] if b > 0 else []) + [top] + ([f"{node.name}_tail"] if e < c else [])
+            ly = net.layer.add(name=node.name, type="Slice", bottom=xs, top=tops)
+            ly.slice_param.axis = 1
+            ly.slice_param.slice_point.extend(points)
         else:
             raise UnsupportedOpError(f"{node.name}: Caffe exporter: unsupported op {node.op}")
         blob_of[node.output] = top

@@ -18,7 +18,8 @@ from deployq.exporters.ncnn.export import (
 )
 
 from deployq import preprocess
-from deployq.errors import UsageError
+from deployq.checks import Fp32LayersWarning
+from deployq.errors import InputError, MissingInputError, UsageError
 from deployq.modelargs import add_model_arguments
 
 
@@ -51,11 +52,12 @@ def _read_config(path: str) -> list:
     try:
         cfg = json.loads(Path(path).read_text())
     except OSError as e:
-        raise FileNotFoundError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        raise MissingInputError(f"cannot read the --config file ({e.strerror or e})", where=path) from None
     except ValueError as e:
-        raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+        raise InputError(f"--config: not valid JSON ({e})", where=path) from None
     if not isinstance(cfg, list):
-        raise ValueError(f"--config {path}: a deployq config list is a JSON list of dicts, got {type(cfg).__name__}")
+        raise InputError(f"--config: a deployq config list is a JSON list of dicts, got {type(cfg).__name__}",
+                         where=path)
     return cfg
 
 
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                          else m.name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CaffeSkippedWarning)
+        warnings.simplefilter("always", Fp32LayersWarning)
         if files_route:
             if not args.scales:
                 raise UsageError("--symbol needs --scales (deployq calibrate --symbol ... --data DIR writes one)")
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             files = export_qnet(_quantized(args, m), args.out, name, model_name=m.name, preprocess=m.preprocess)
     for w in caught:
-        if issubclass(w.category, CaffeSkippedWarning):
+        if issubclass(w.category, (CaffeSkippedWarning, Fp32LayersWarning)):
             print(f"deployq export-ncnn: warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -81,6 +81,26 @@ def file_graphs(symbol: str | Path, params: str | Path, scales: dict[str, Any], 
     return g, attach_scales(g, scales, "ncnn")
 
 
+def _safe_graphs(g: Graph, gq: Graph) -> tuple[Graph, Graph, dict[str, str]]:
+    """Both graphs with the names ncnn's text formats cannot hold renamed (the same map: same node names)."""
+    from deployq.exporters.ir.safenames import safe_names
+
+    g, renamed = safe_names(g)
+    return g, safe_names(gq)[0], renamed
+
+
+def _report_fp32(g: Graph, gq: Graph, where: str) -> None:
+    """Refuse a scale file that quantizes none of the Conv/FC layers; warn (:class:`Fp32LayersWarning`) naming
+    those it leaves in fp32."""
+    from deployq.checks import Fp32LayersWarning, fp32_layers
+
+    left = fp32_layers([n.name for n in g.nodes if n.op in ("Convolution", "FullyConnected")],
+                       [n.name for n in gq.nodes if "quant_layer" in n.attrs], where)
+    if left:
+        warnings.warn(f"{where}: no input range for {len(left)} Conv/FC layer(s), kept in fp32: {', '.join(left)}",
+                      Fp32LayersWarning, stacklevel=3)
+
+
 def layer_outputs(int8: NcnnModel, gq: Graph) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """For ``deployq verify``: each quantized layer's ncnn blob, and how that blob relates to the layer's
     simulated output (Conv/FC output, BN folded, before the activation): ``activation`` = ``[activation_type,
@@ -109,7 +129,9 @@ def output_blobs(model: NcnnModel) -> list[str]:
 def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> tuple[dict[str, bytes], NcnnModel]:
     """Every export file's bytes keyed like :data:`SUFFIXES`, and the int8 model. The Caffe pair is left out,
     with a :class:`CaffeSkippedWarning` naming the layer, when Caffe cannot express an op of the graph."""
-    fp32, int8 = lower(g, int8=False), lower(gq, int8=True)
+    # the fp32 model carries the weights the Caffe pair and the int8 model carry (the quantized net's own BN fold):
+    # ncnn2int8 on it then gives the int8 model's codes (g's fp32 fold differs by an ulp and flips some)
+    fp32, int8 = lower(gq, int8=False), lower(gq, int8=True)
     out: dict[str, bytes] = {}
     try:
         net = to_caffe(gq)
@@ -128,7 +150,8 @@ def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> tuple[dict[str, bytes
 
 
 def _manifest(contents: dict[str, bytes], names: dict[str, str], int8: NcnnModel, gq: Graph, model: str,
-              input_shape: tuple[int, ...], profile: str | None, route: str, preprocess: Any = None) -> bytes:
+              input_shape: tuple[int, ...], profile: str | None, route: str, preprocess: Any = None,
+              renamed: dict[str, str] | None = None) -> bytes:
     import deployq
     from deployq.manifest import manifest_bytes, sha256_bytes
 
@@ -143,6 +166,8 @@ def _manifest(contents: dict[str, bytes], names: dict[str, str], int8: NcnnModel
     if "usage" in contents:
         rel["usage"] = names["usage"]
     extra = {"preprocess": {**preprocess.to_dict(), "ncnn": preprocess.ncnn()}} if preprocess is not None else {}
+    if renamed:
+        extra["safe_names"] = renamed  # original -> name in the .param/.table files (exporters.ir.safenames)
     blobs, info = layer_outputs(int8, gq)
     sha = sha256_bytes({names[k]: v for k, v in contents.items() if k != MANIFEST_KEY})
     return manifest_bytes("ncnn", model, input_shape, rel, blobs, f"deployq {deployq.__version__} export-ncnn "
@@ -201,14 +226,14 @@ def export_qnet(qnet: Any, out_dir: str | Path, name: str = "model",
     input_shape = tuple(input_shape or (preprocess.input_shape if preprocess is not None else (1, 3, 32, 32)))
     from deployq import export_scales
 
-    g, gq = qnet_graphs(qnet, name, input_shape)
+    g, gq, renamed = _safe_graphs(*qnet_graphs(qnet, name, input_shape))
     contents, int8 = render(g, gq, export_scales(qnet, model_name or name))
     contents.update(_qnet_bytes(qnet, model_name or name, input_shape, preprocess))
     names = _names(name, [*contents, "usage", MANIFEST_KEY])
     _usage(contents, names, preprocess)
     profile = getattr(qnet, "_deployq", {}).get("profile")
     contents[MANIFEST_KEY] = _manifest(contents, names, int8, gq, model_name or name, input_shape, profile,
-                                       "quantized net", preprocess)
+                                       "quantized net", preprocess, renamed)
     return write_all(contents, out_dir, names)
 
 
@@ -221,11 +246,13 @@ def export_files(symbol: str | Path, params: str | Path, scales_path: str | Path
     input_shape = tuple(input_shape or (preprocess.input_shape if preprocess is not None else (1, 3, 32, 32)))
     name = name or Path(symbol).name.removesuffix(".json").removesuffix("-symbol")
     g, gq = file_graphs(symbol, params, scales, str(scales_path), input_shape)
+    _report_fp32(g, gq, str(scales_path))
+    g, gq, renamed = _safe_graphs(g, gq)
     contents, int8 = render(g, gq, scales)
     contents["symbol"], contents["params"] = Path(symbol).read_bytes(), Path(params).read_bytes()
     names = _names(name, [*contents, "usage", MANIFEST_KEY])
     _usage(contents, names, preprocess)
     model = (scales.get("model") or {}).get("name") or name
     contents[MANIFEST_KEY] = _manifest(contents, names, int8, gq, model, input_shape, "ncnn",
-                                       "json/params + scale file", preprocess)
+                                       "json/params + scale file", preprocess, renamed)
     return write_all(contents, out_dir, names)

@@ -9,11 +9,12 @@ calibration table ncnn2int8 reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 from deployq.exporters.ir.graph import Graph, GraphError, Node, UnsupportedOpError
+from deployq.exporters.ir.mxnet_lower import tensor_shapes
 from deployq.exporters.ir.passes import activation_kind
+from deployq.exporters.ncnn.records import LayerRecord, NcnnModel, ParamValue, WeightBlob
+from deployq.exporters.ncnn.shape_ops import KEEPS_VECTOR, LOWERINGS, Ctx
 
 from deployq.fakequant import np_round_half_away
 
@@ -24,46 +25,6 @@ QUANTIZABLE = ("Convolution", "ConvolutionDepthWise", "InnerProduct")
 #: fused activation kind -> (ncnn activation_type, activation_params)
 FUSED_ACTIVATION: dict[str, tuple[int, tuple[float, ...]]] = {"relu": (1, ()), "relu6": (3, (0.0, 6.0)),
                                                               "sigmoid": (4, ())}
-ParamValue = int | float | tuple[float, ...] | tuple[int, ...]
-
-
-@dataclass
-class WeightBlob:
-    """One array of a layer's ``.bin`` data: ``tag`` None = untagged raw fp32, else the 4-byte storage tag."""
-
-    data: np.ndarray
-    tag: int | None = None
-
-
-@dataclass
-class LayerRecord:
-    """One ncnn layer: type, unique name, bottom/top blob names, typed params (id -> int, float or array)
-    and weight arrays in ``.bin`` order."""
-
-    type: str
-    name: str
-    bottoms: list[str]
-    tops: list[str]
-    params: dict[int, ParamValue] = field(default_factory=dict)
-    weights: list[WeightBlob] = field(default_factory=list)
-    #: int8 bookkeeping for requantize fusion (input multiplier of a quantized layer)
-    bottom_multiplier: np.float32 | None = None
-
-
-@dataclass
-class NcnnModel:
-    layers: list[LayerRecord]
-    input_blob: str
-    output_blobs: list[str]
-
-    @property
-    def blob_count(self) -> int:
-        return len({t for ly in self.layers for t in ly.tops})
-
-    def layer(self, name: str) -> LayerRecord:
-        return next(ly for ly in self.layers if ly.name == name)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def float2int8(v: np.ndarray) -> np.ndarray:
     """ncnn's float2int8: C round (half away from zero), clamp to [-127, 127]."""
@@ -86,18 +47,6 @@ def winograd_guard(node: Node) -> bool:
     a = node.attrs
     return (node.op == "Convolution" and a["num_group"] == 1 and tuple(a["kernel"]) == (3, 3)
             and tuple(a["stride"]) == (1, 1) and tuple(a["dilate"]) == (1, 1) and node.attrs["wq"].qmax > 31)
-
-
-def tensor_ranks(g: Graph) -> dict[str, int]:
-    """MXNet rank of every activation tensor (batch included)."""
-    from deployq.exporters.ir.mxnet_lower import to_symbol
-
-    names = g.tensors()[1:]
-    sym, _, _ = to_symbol(g, outputs=names)
-    _, shapes, _ = sym.infer_shape(data=g.input_shape)
-    ranks = dict(zip(names, (len(s) for s in shapes), strict=True))
-    ranks[g.input_name] = len(g.input_shape)
-    return ranks
 
 
 # ---------------------------------------------------------------------------------------------- lowering
@@ -167,8 +116,11 @@ def _weight_layer(g: Graph, node: Node, int8: bool, bottom: str, top: str,
         group = params[7]
         per_group = mult.reshape(group, -1)
         if not np.all(per_group == per_group[:, :1]):
-            raise GraphError(f"{node.name}: grouped conv with per-channel weight scales; ncnn stores one scale "
-                             "per group (quantize it with group granularity)")
+            raise GraphError(
+                f"layer {node.name!r} (Convolution, {group} groups): int8 weights with one scale per channel, but "
+                "ncnn's ConvolutionDepthWise keeps one weight scale per group; quantize it on the ncnn profile's "
+                "per-group grid (deployq.quantize/calibrate with profile ncnn) or keep it fp32 (config "
+                "exclude: true)")
         mult = per_group[:, 0].copy()
     params[8] = 1 if ltype == "ConvolutionDepthWise" else 2
     if ltype == "Convolution" and winograd_guard(node):
@@ -228,7 +180,8 @@ def _softmax_axis(node: Node, rank: int) -> int:
 
 def lower(g: Graph, int8: bool = False) -> NcnnModel:
     """The graph (optimized; for int8 with ``attach_qnet``/``attach_scales`` records) as ncnn layers."""
-    ranks = tensor_ranks(g)
+    shapes = tensor_shapes(g)
+    ranks = {t: len(v) for t, v in shapes.items()}
     c, h, w = g.input_shape[1:]
     layers = [LayerRecord("Input", g.input_name, [], [g.input_name], {0: w, 1: h, 2: c})]
     skip: set[str] = set()
@@ -237,10 +190,14 @@ def lower(g: Graph, int8: bool = False) -> NcnnModel:
         if node.name in skip:
             continue
         xs = list(node.inputs)
+        keeps = node.op not in ("broadcast_add", "broadcast_mul") and (node.op not in LOWERINGS
+                                                                       or node.op in KEEPS_VECTOR)
         if (node.op in ("FullyConnected", "Flatten") or (node.op == "Pooling" and node.attrs["global_pool"])
-                or any(t in vectors for t in xs) and node.op not in ("broadcast_add", "broadcast_mul")):
+                or any(t in vectors for t in xs) and keeps):
             vectors.add(node.output)
-        if node.op in ("Convolution", "FullyConnected"):
+        if node.op in LOWERINGS:
+            LOWERINGS[node.op](node, Ctx(shapes, vectors), layers)
+        elif node.op in ("Convolution", "FullyConnected"):
             act_node, act = _fused_activation(g, node)
             top = node.output
             if act_node is not None:

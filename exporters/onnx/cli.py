@@ -63,8 +63,10 @@ def _quantized(args: argparse.Namespace, m):
 def run(args: argparse.Namespace) -> int:
     from deployq.exporters.onnx.export import export_qnet
 
+    from deployq.atomic import check_target
     from deployq.modelargs import load_model
 
+    check_target(args.out)  # before any work: an --out that cannot hold an export is refused
     if args.qnet_pos:
         if args.qnet or args.model or args.symbol:
             raise UsageError(f"give the model once: {args.qnet_pos!r} and --qnet/--model/--symbol")

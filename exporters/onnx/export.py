@@ -20,7 +20,6 @@ emitter (``ctx.act_input``, ``ctx.weight``, ``ctx.const``) and the emitter write
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ import numpy as np
 import onnx
 from deployq.exporters.ir.graph import Graph, Node, UnsupportedOpError
 from deployq.exporters.ir.qattach import InputQuant, WeightQuant
+from deployq.exporters.onnx import shape_ops  # noqa: F401  (registers the shape, resize and pointwise ops)
+from deployq.exporters.onnx.registry import HANDLERS, handles
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 13
@@ -53,6 +54,17 @@ class OnnxContext:
         #: integer code tensors -> (grid, scale initializer, zero-point initializer)
         self.codes: dict[str, tuple[tuple[float, int, bool], str, str]] = {}
         self._dq: set[str] = set()
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        #: renamed tensor (a quantized output's dequantized copy) -> the IR tensor it carries
+        self.source: dict[str, str] = {}
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        """MXNet shape (batch 1) of an IR tensor, or of the renamed copy of one."""
+        if self._shapes is None:
+            from deployq.exporters.ir.mxnet_lower import tensor_shapes
+
+            self._shapes = tensor_shapes(self.g)
+        return self._shapes[self.source.get(tensor, tensor)]
 
     def const(self, name: str, arr: np.ndarray) -> str:
         if name not in self.inits:
@@ -165,19 +177,6 @@ def weight_dq_step(wq: WeightQuant) -> np.ndarray:
 def bias_grid(iq: InputQuant, wq: WeightQuant) -> np.ndarray:
     """The int32 bias grid of a quantized Conv/Gemm, ``float32(input_step) * weight_dq_step`` in float32."""
     return (np.float32(iq.step) * weight_dq_step(wq)).astype(np.float32)
-
-
-Handler = Callable[[OnnxContext, Node], None]
-#: IR op -> lowering function.
-HANDLERS: dict[str, Handler] = {}
-
-
-def handles(*ops: str) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        for op in ops:
-            HANDLERS[op] = fn
-        return fn
-    return deco
 
 
 @handles("Convolution")
@@ -346,6 +345,7 @@ def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str =
         for t in n.outputs:
             if t in oq:
                 renamed[t] = ctx.output_qdq(oq[t][0], t, oq[t][1])
+                ctx.source[renamed[t]] = t
     shape = [BATCH_DIM, *g.input_shape[1:]]
     inp = helper.make_tensor_value_info(g.input_name, TensorProto.FLOAT, shape)
     outs = [helper.make_tensor_value_info(renamed.get(t, t), TensorProto.FLOAT, None) for t in g.outputs]

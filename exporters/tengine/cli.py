@@ -43,10 +43,13 @@ def export_tengine(graph: Graph, out_dir: str | Path, name: str | None = None,
         layers = scales.get("layers") or {}
         refuse_mixed_precision(graph, [k for k, v in layers.items() if not v.get("quantized", True)])
         graph = annotate(graph, scales, where=scales_where, fingerprint=graph_fingerprint(graph))
+    from deployq.exporters.ir.safenames import safe_names
+
+    graph, renamed = safe_names(graph)  # names the .scale and symbol files can hold, the same in both
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exp = lower_model(graph, calib, name=name or graph.name)
-    return write(exp, out_dir, name or graph.name, preprocess), exp.warnings
+    return write(exp, out_dir, name or graph.name, preprocess, renamed=renamed), exp.warnings
 
 
 def graph_from_qnet(qnet, input_shape: tuple[int, ...] = (1, 3, 32, 32), name: str = "model") -> Graph:
@@ -97,7 +100,12 @@ def run_export_tengine(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (2/3 on bad input, nothing written)."""
     from deployq.exporters.tengine.lower import TengineExportError
 
+    from deployq.atomic import check_target, safe_stem
+
     try:
+        check_target(args.out)  # before any work: an --out that cannot hold an export, or a bad --name
+        if args.name is not None:
+            safe_stem(args.name)
         graph, m = _load_graph(args)
         scales = load_scale_file(args.scales) if args.scales else None
         calib = _calibration(args, m, graph, scales)
@@ -111,10 +119,7 @@ def run_export_tengine(args: argparse.Namespace) -> int:
                                  fix="pass --data DIR (your calibration images): deployq min-max calibrates the "
                                      "other tensors on them") from None
             raise
-    except (ValueError, OSError) as e:
-        print(f"deployq export-tengine: error: {e}", file=sys.stderr)
-        return 2
-    except DeployqError as e:
+    except DeployqError as e:  # usage 2, bad input 3 (deployq.errors); anything else: deployq.cli.main
         print(f"deployq export-tengine: error: {e}", file=sys.stderr)
         return e.exit_code
     for msg in notes:
@@ -159,10 +164,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m deployq.exporters.tengine.cli export-tengine ...``)."""
-    parser = argparse.ArgumentParser(prog="deployq")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from deployq.cli import main as deployq_main
+
+    return deployq_main(argv)  # one error report and exit-code scheme for every command
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ import numpy as np
 from deployq.exporters.ir.annotate import graph_fingerprint
 from deployq.exporters.ir.graph import Graph, Node, TensorQuant
 from deployq.exporters.ir.mxnet_lower import tensor_shapes
-from deployq.exporters.ir.passes import activation_kind, optimize
+from deployq.exporters.ir.passes import activation_kind, mark_fusable_activations, optimize
 from deployq.exporters.ir.ranges import tensor_ranges
+from deployq.exporters.tengine.bn_conv import batchnorm_as_depthwise
+
+from deployq.errors import InputError
 
 QMAX = 127
 #: IR ops Tengine's converter and int8 CPU kernels handle (after lowering softmax variants).
@@ -28,13 +31,17 @@ PASS_THROUGH = ("Flatten",)
 SOFTMAX_THRESHOLD = 1.0
 
 
-class TengineExportError(ValueError):
+class TengineExportError(InputError, ValueError):
     """The graph cannot be exported to Tengine int8 without wrong results."""
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:
-    """C ``round``/MXNet ``round``: half away from zero (never ``np.round``, which rounds half to even)."""
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+    """C ``round``/MXNet ``round``: half away from zero (never ``np.round``, which rounds half to even).
+
+    Exact in the input's precision: ``floor(|x| + 0.5)`` would round 0.49999997 up in float32."""
+    a = np.abs(x)
+    f = np.floor(a)
+    return np.sign(x) * (f + (a - f >= 0.5))
 
 
 def weight_steps(w: np.ndarray) -> np.ndarray:
@@ -290,7 +297,8 @@ def refuse_mixed_precision(g: Graph, fp32_layers: Iterable[str] = ()) -> None:
     """Raise when a quantized net (nodes carrying ``quant_layer``) keeps some Conv/FC in fp32 (excluded, or
     without weight or input quantization), or when ``fp32_layers`` (a scale file's unquantized layers) is
     not empty: Tengine would quantize them anyway."""
-    weighted = [n for n in g.nodes if n.op in ("Convolution", "FullyConnected")]
+    weighted = [n for n in g.nodes if n.op in ("Convolution", "FullyConnected")
+                and not n.attrs.get("from_batchnorm")]  # a BatchNorm as a depthwise conv: quantized at export
     fp32 = list(fp32_layers)
     if any("quant_layer" in n.attrs for n in g.nodes):
         fp32 += [n.name for n in weighted if n.attrs.get("wq") is None or n.attrs.get("iq") is None]
@@ -300,14 +308,15 @@ def refuse_mixed_precision(g: Graph, fp32_layers: Iterable[str] = ()) -> None:
 
 
 def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
-    """The graph Tengine will run: Dropout dropped, BN folded, activations marked, softmax variants renamed,
+    """The graph Tengine will run: Dropout dropped, BN folded (or, where it cannot be, a 1x1 depthwise conv),
+    activations marked, softmax variants renamed,
     Conv/FC weights on the per-channel int8 grid.
 
     Trained int8 codes come from ``codes`` (layer -> int8 array) or from ``exporters.qattach`` records on the
     nodes (``attrs['wq']``); a quantized layer's input threshold (``attrs['iq']``) becomes its input tensor's
     annotation, winning over calibration.
     """
-    g = optimize(graph)
+    g = mark_fusable_activations(batchnorm_as_depthwise(optimize(graph)))
     _rewrite_softmax(g, tensor_shapes(g))
     _rename_dropped_params(g)
     codes = dict(codes or {})
@@ -340,8 +349,8 @@ def lower_model(graph: Graph, calib_batches: Iterable[np.ndarray] | None, name: 
     """:func:`prepare`, min-max calibrate tensors without a threshold on ``calib_batches``, :func:`lower`."""
     from deployq.calib.scalefile import StreamHash
 
-    fingerprint = graph_fingerprint(graph)
     g = prepare(graph, codes)
+    fingerprint = graph_fingerprint(g)  # of the model written (a BatchNorm may have become a conv)
     batches = None if calib_batches is None else [np.asarray(b, np.float32) for b in calib_batches]
     ranges = tensor_ranges(g, batches) if batches is not None else None
     exp = lower(g, ranges, name, fingerprint)

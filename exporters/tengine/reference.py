@@ -1,10 +1,12 @@
 """NumPy reference of Tengine's int8 CPU arithmetic, run on exported files (json/params + scale table).
 
-Follows ``tengine-int8.md`` §3.4/§5: weights re-quantized the way quant_tool_int8 does (``s_w = max|w|/127``
-per output channel, ``q = round(w/s_w)``, bias ``round(b / (s_w*s_in))`` as int32); Conv: int32 accumulate +
-bias, float dequant by ``s_in*s_w[c]``, fused ReLU/ReLU6 in float, ``round`` half away from zero, clamp +-127;
-FC: ``(acc + bias) * (s_in*s_w/s_out)``; pooling, eltwise, concat, flatten and standalone activations as
-listed there.
+Follows the kernels an x86 build of Tengine runs (``tengine-int8.md`` §3.4/§5): weights re-quantized the way
+quant_tool_int8 does (``s_w = max|w|/127`` per output channel, ``q = round(w/s_w)``, bias ``round(b / (s_w*s_in))``
+as int32); Conv: int32 accumulate + bias, float dequant ``((float)acc * s_in) * s_w[c]`` (two float32 products)
+in the x86 kernels, ``acc * (s_in*s_w[c])`` in the reference kernel that grouped convs get (``kernels.py``; the
+model is of batch-1 runs, as an app runs Tengine), fused ReLU/ReLU6 in float, ``round`` half away from zero,
+clamp +-127; FC (``fc_ref.c``): ``(acc + bias) * ((s_in*s_w)/s_out)``; pooling (``pooling_kernel_ref_int8.c``),
+eltwise, concat, flatten and standalone activations as listed there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from deployq.exporters.ir.frontend import from_files
 from deployq.exporters.ir.graph import Graph, GraphError, Node
+from deployq.exporters.tengine.kernels import conv_kernel, two_step_dequant
 from deployq.exporters.tengine.lower import QMAX, round_half_away, weight_codes, weight_steps
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -62,15 +65,16 @@ def _conv_acc(xq: np.ndarray, wq: np.ndarray, a: dict) -> np.ndarray:
 
 
 def _pool(q: np.ndarray, a: dict, s_in: float, s_out: float) -> np.ndarray:
+    """``pooling_kernel_ref_int8.c``: max -> ``round(max_q * (s_in / s_out))``; avg -> ``round(((sum_q * s_in) /
+    pool_size) / s_out)``, pool_size = the real pixels, or with the caffe flavour (``pooling_convention`` full)
+    the window clipped to ``in + pad`` only. A window equal to the unpadded input is global pooling."""
     x = q.astype(np.float64)
-    if a["global_pool"]:
-        if a["pool_type"] == "max":
-            return _requant(F32(x.max(axis=(2, 3), keepdims=True)) * F32(s_in), s_out)
-        tot = x.sum(axis=(2, 3), keepdims=True)
-        return _requant(F32(tot) * F32(s_in) / F32(x.shape[2] * x.shape[3]), s_out)
-    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["pad"]
     h, w = x.shape[2:]
-    ceil = a["pooling_convention"] == "full"
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"] or (h, w), a["stride"] or (1, 1), a["pad"] or (0, 0)
+    if a["global_pool"] or ((kh, kw) == (h, w) and not (ph or pw)):
+        (kh, kw), (sh, sw), (ph, pw), ceil = (h, w), (1, 1), (0, 0), False
+    else:
+        ceil = a["pooling_convention"] == "full"
     ho = (-(-(h + 2 * ph - kh) // sh) if ceil else (h + 2 * ph - kh) // sh) + 1
     wo = (-(-(w + 2 * pw - kw) // sw) if ceil else (w + 2 * pw - kw) // sw) + 1
     eh, ew = max(0, (ho - 1) * sh + kh - h - 2 * ph), max(0, (wo - 1) * sw + kw - w - 2 * pw)
@@ -78,10 +82,18 @@ def _pool(q: np.ndarray, a: dict, s_in: float, s_out: float) -> np.ndarray:
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph + eh), (pw, pw + ew)), constant_values=fill)
     win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :ho, :wo]
     if a["pool_type"] == "max":
-        return _requant(F32(win.max(axis=(-1, -2))) * F32(s_in), s_out)
-    ones = np.pad(np.ones((h, w)), ((ph, ph + eh), (pw, pw + ew)))
-    cnt = sliding_window_view(ones, (kh, kw))[::sh, ::sw][:ho, :wo].sum(axis=(-1, -2))
-    return _requant(F32(win.sum(axis=(-1, -2))) * F32(s_in) / F32(cnt), s_out)
+        v = F32(win.max(axis=(-1, -2))) * (F32(s_in) / F32(s_out))
+        return np.clip(round_half_away(v.astype(F32)), -QMAX, QMAX).astype(np.int8)
+
+    def size(n_out: int, k: int, s: int, p: int, n_in: int) -> np.ndarray:
+        start = np.arange(n_out) * s - p
+        end = np.minimum(start + k, n_in + p)
+        if not ceil:
+            start, end = np.maximum(start, 0), np.minimum(end, n_in)
+        return end - start
+
+    cnt = np.outer(size(ho, kh, sh, ph, h), size(wo, kw, sw, pw, w))
+    return _requant((F32(win.sum(axis=(-1, -2))) * F32(s_in)) / F32(cnt), s_out)
 
 
 def _float_act(n: Node, v: np.ndarray) -> np.ndarray:
@@ -154,7 +166,10 @@ class TengineReference:
             if n.op == "Convolution":
                 q, s_w, qb = self._weights(n, s_ins[0])
                 acc = _conv_acc(ins[0], q, a) + qb[None, :, None, None]
-                v = acc.astype(F32) * (F32(s_ins[0]) * s_w)[None, :, None, None]
+                if two_step_dequant(conv_kernel(a, ins[0].shape[1], q.shape[0])):  # x86 kernels (spec §5)
+                    v = (acc.astype(F32) * F32(s_ins[0])) * s_w[None, :, None, None]
+                else:  # conv_kernel_ref_int8.c: one precomputed factor
+                    v = acc.astype(F32) * (F32(s_ins[0]) * s_w)[None, :, None, None]
                 if n.name in self.fused:
                     v = _float_act(self.fused[n.name], v)
                 out = _requant(v, s_out)

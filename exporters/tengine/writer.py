@@ -56,11 +56,13 @@ def scale_file_dict(exp: TengineExport) -> dict:
     return scale_file(exp).to_dict()
 
 
-def write(exp: TengineExport, out_dir: str | Path, name: str | None = None, preprocess: Any = None) -> list[Path]:
+def write(exp: TengineExport, out_dir: str | Path, name: str | None = None, preprocess: Any = None,
+          renamed: dict[str, str] | None = None) -> list[Path]:
     """Write ``<name>-symbol.json``, ``<name>-0000.params`` (legacy float32), ``<name>.scale`` (Tengine table),
     ``<name>.scales.json`` and the manifest ``deployq-export.json`` (with every file's SHA-256) as one export
     folder ``out_dir`` (:func:`deployq.atomic.export_dir`: the whole new export, or after an error the previous
-    one); returns the paths of the four model files."""
+    one); returns the paths of the four model files. ``renamed``: the names :func:`exporters.ir.safenames.safe_names`
+    changed (original -> safe), recorded in the manifest as ``safe_names``."""
     from deployq.atomic import export_dir, safe_stem
     from deployq.manifest import MANIFEST, manifest_bytes, sha256_folder
 
@@ -75,12 +77,12 @@ def write(exp: TengineExport, out_dir: str | Path, name: str | None = None, prep
         mx.nd.save(str(tmp / names["params"]), params)
         (tmp / names["table"]).write_text(render_scale_table(exp))
         (tmp / names["scales"]).write_text(scale_file(exp).to_json())
-        extra = {}
+        extra: dict[str, Any] = {"safe_names": renamed} if renamed else {}
         if preprocess is not None:  # the app code's and quant_tool_int8's preprocessing (USAGE.txt)
             from deployq.preprocess import usage_text
 
             (tmp / "USAGE.txt").write_text(usage_text(preprocess, "tengine", {"scale": names["table"]}))
-            extra = {"preprocess": {**preprocess.to_dict(), "tengine": preprocess.tengine()}}
+            extra["preprocess"] = {**preprocess.to_dict(), "tengine": preprocess.tengine()}
         (tmp / MANIFEST).write_bytes(manifest_bytes(
             "tengine", exp.name, exp.graph.input_shape, names, exp.tensor_map,
             f"deployq {deployq.__version__} export-tengine", sha256_folder(tmp), **extra))

@@ -160,9 +160,16 @@ def test_pooling_ncnn_matches_mxnet(tmp_path, h, attrs):
 def test_pooling_caffe_size_rule():
     assert caffe_pool_size(10, 3, 2, 0) == 5  # MXNet valid gives 4
     assert caffe_pool_size(9, 3, 2, 0) == 4
-    to_caffe(_pool_graph(9))  # exact: accepted
-    with pytest.raises(UnsupportedOpError, match="pool.*MXNet gives 4, Caffe .ceil. gives 5"):
-        to_caffe(_pool_graph(10))
+    assert [ly.type for ly in to_caffe(_pool_graph(9)).layer] == ["Input", "Pooling"]  # exact: as it is
+    # MXNet floors to 4, Caffe ceils to 5: Slices keep the first 4 rows and columns (the windows MXNet computes)
+    net = to_caffe(_pool_graph(10))
+    slices = [ly for ly in net.layer if ly.type == "Slice"]
+    assert [(ly.slice_param.axis, list(ly.slice_param.slice_point)) for ly in slices] == [(2, [4]), (3, [4])]
+    assert slices[-1].top[0] == "pool" and net.layer[1].top[0] != "pool"
+    with pytest.raises(UnsupportedOpError, match="pool.*MXNet gives 5, Caffe .ceil. gives 5 or other tail"):
+        to_caffe(_pool_graph(10, pooling_convention="full", pool_type="avg"))
+    with pytest.raises(UnsupportedOpError, match="count_include_pad=True"):
+        to_caffe(_pool_graph(10, pad=(1, 1), pool_type="avg"))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -261,7 +268,7 @@ def test_cli_model_with_scale_file_and_config(tmp_path, capsys):
                             profile="ncnn", quiet=True)
     other.save(tmp_path / "other.json")
     assert main(["export-ncnn", "--model", "resnet20", "--scales", str(tmp_path / "other.json"),
-                 "--out", str(tmp_path / "x")]) == 1
+                 "--out", str(tmp_path / "x")]) == 3  # bad input (deployq.errors)
     assert "different model" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -320,13 +327,16 @@ def test_cli_bad_inputs(tmp_path, capsys, damage):
     elif damage == "other_scales":
         other = get_trained("mobilenet0.25", verbose=False)
         deployq.quantize(other, profile="ncnn")
-        scales.write_text(json.dumps(deployq.export_scales(other, "mobilenet0.25")))
+        doc = deployq.export_scales(other, "mobilenet0.25")
+        for t in doc["tensors"].values():  # plausible ranges (an uncalibrated net's zero thresholds are refused)
+            t.update(threshold=1.0, step=1 / 127, lo=-1.0, hi=1.0)
+        scales.write_text(json.dumps(doc))
         want = "another model"
     else:
         js = json.loads(sym.read_text())
-        js["nodes"][-1]["op"] = "sum"
+        js["nodes"][-1]["op"] = "arccos"
         sym.write_text(json.dumps(js))
-        want = "unsupported op sum"
+        want = "unsupported op arccos"
     out = tmp_path / "out"
     rc = main(["export-ncnn", "--symbol", str(sym), "--params", str(params), "--scales", str(scales),
                "--input-shape", "1,3,32,32", "--out", str(out)])
@@ -396,15 +406,16 @@ def test_se_block_fp32_and_int8(tmp_path):
 
 
 class _Unpoolable(gluon.HybridBlock):
-    """A max pooling whose MXNet output size (floor) Caffe (ceil) cannot reproduce."""
+    """A hard-swish: ncnn runs it (HardSwish), Caffe has no such layer."""
 
     def __init__(self):
         super().__init__()
         self.conv = gluon.nn.Conv2D(4, 3, padding=1, in_channels=3)
-        self.out = gluon.nn.Dense(10, in_units=4 * 4 * 4)
+        self.out = gluon.nn.Dense(10, in_units=4 * 10 * 10)
 
     def hybrid_forward(self, F, x):
-        return self.out(F.Pooling(self.conv(x), kernel=(3, 3), stride=(2, 2), pool_type="max"))
+        y = self.conv(x)
+        return self.out(y * (F.clip(y + 3, 0, 6) / 6))
 
 
 def test_caffe_unsupported_skips_the_pair_with_a_warning(tmp_path):
@@ -417,7 +428,7 @@ def test_caffe_unsupported_skips_the_pair_with_a_warning(tmp_path):
     x = np.random.default_rng(0).normal(size=(20, 3, 10, 10)).astype(np.float32)
     deployq.quantize(net, profile="ncnn")
     minmax_calibrate(net, x)
-    with pytest.warns(CaffeSkippedWarning, match=r"not written: pooling0: Pooling kernel 3 stride 2"):
+    with pytest.warns(CaffeSkippedWarning, match=r"not written: .*unsupported op HardSwish"):
         files = export_qnet(net, tmp_path, "u", (1, 3, 10, 10))
     assert "prototxt" not in files and not list(tmp_path.glob("*.prototxt"))
     assert {"table", "fp32_param", "int8_param", "manifest"} <= set(files)

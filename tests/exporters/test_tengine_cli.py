@@ -150,13 +150,13 @@ def test_bad_input(tmp_path, capsys, breaker):
 ])
 def test_mixed_precision_is_refused(tmp_path, capsys, config, kept):
     """Tengine quantizes every Conv/FC: a net that keeps a layer in fp32 (the sensitivity fallback) is refused,
-    naming the layer, with exit 2 and nothing written."""
+    naming the layer, with exit 3 (bad input) and nothing written."""
     import deployq
     from deployq.zoo import get_trained
 
     qnet = deployq.quantize(get_trained("resnet20", verbose=False), config, profile="tengine")
     deployq.save(qnet, tmp_path / "q", model_name="resnet20")
-    assert main(["export-tengine", "--qnet", str(tmp_path / "q"), "--out", str(tmp_path / "out")]) == 2
+    assert main(["export-tengine", "--qnet", str(tmp_path / "q"), "--out", str(tmp_path / "out")]) == 3  # bad input
     err = capsys.readouterr().err
     assert re.search(rf"layers kept in fp32: {re.escape(kept)};.*no mixed precision", err), err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
@@ -167,6 +167,6 @@ def test_mixed_precision_is_refused(tmp_path, capsys, config, kept):
     layer = next(iter(s["layers"]))
     s["layers"][layer]["quantized"] = False
     (tmp_path / "s.json").write_text(json.dumps(s))
-    assert _cli(js, ps, tmp_path / "b", "--scales", str(tmp_path / "s.json")) == 2
+    assert _cli(js, ps, tmp_path / "b", "--scales", str(tmp_path / "s.json")) == 3
     assert f"layers kept in fp32: {layer}" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())

@@ -103,8 +103,31 @@ class _Custom(gluon.HybridBlock):
         return F.broadcast_mul(y, F.Activation(y, act_type="sigmoid"))
 
 
+def test_unfoldable_batchnorm_becomes_a_depthwise_conv(tmp_path):
+    """A BatchNorm that cannot be folded (its input has a second use, as in pre-activation nets) is written
+    as a 1x1 depthwise conv with the BN's name: same fp32 values, and Tengine runs it in int8 like any conv."""
+    from deployq.exporters.ir.mxnet_lower import run as mx_run
+    from deployq.exporters.ir.passes import optimize
+    from deployq.exporters.tengine.bn_conv import batchnorm_as_depthwise
+
+    net = _Custom("fanout")
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.array(X[:1]))
+    for p in net.bn.params.values():  # random statistics and affine
+        p.set_data(mx.nd.array(np.random.default_rng(1).uniform(0.5, 2.0, p.shape)))
+    g = from_gluon(net, (1, 3, 16, 16))
+    exp = tengine.lower_model(g, [X])
+    dw = exp.graph.node("bn")
+    assert dw.op == "Convolution" and dw.attrs["num_group"] == 4 and exp.graph.param(dw, "weight").shape == (4, 1, 1, 1)
+    dwg = batchnorm_as_depthwise(optimize(g))  # before the weights go on Tengine's int8 grid
+    assert [n.op for n in dwg.nodes].count("BatchNorm") == 0
+    np.testing.assert_allclose(mx_run(dwg, X)[dwg.outputs[0]], net(mx.nd.array(X)).asnumpy(), rtol=1e-4, atol=1e-5)
+    ref = TengineReference(*write(exp, tmp_path)[:3], input_shape=(1, 3, 16, 16))
+    step = exp.scale_of(exp.tensor_map[exp.graph.outputs[0]]).step
+    assert np.abs(simulate(exp, X) - ref(X)).max() <= step * (1 + 1e-4)
+
+
 @pytest.mark.parametrize("kind,msg", [
-    ("fanout", r"layer 'bn' \(BatchNorm\): op BatchNorm .*cannot be folded"),
     ("mul", r"op broadcast_mul is not exportable to Tengine int8"),
 ])
 def test_refuses_graph_patterns(kind, msg):

@@ -1,0 +1,199 @@
+"""``optimize``: the cheapest post-training pipeline that meets a target accuracy drop on validation images.
+
+Steps, in order of cost; each is scored on the validation images and the first whose drop (fp32 accuracy minus
+the simulated quantized accuracy) is at most ``target_drop`` is returned:
+
+1. ``calibrate:<method>`` for each calibrator of ``methods`` (cheap first; the best one is kept for the rest);
+2. ``cle+bc``: cross-layer equalization before calibration, empirical bias correction after it;
+3. ``adaround``: learned rounding on top of the better of 1 and 2;
+4. ``adaround+qdrop``: the same with QDrop's random dropping of input quantization;
+5. ``fallback:<n>``: the best learned-free pipeline (1 or 2) with the n most sensitive layers
+   (``deployq.sensitivity``'s ranking) in fp32, n = 1 .. ``max_fp32_layers``.
+
+Without a step that meets the target, the best net found is returned (``met`` False). Block reconstruction
+(BRECQ) is not among the steps yet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from mxnet import gluon
+
+from deployq.progress import progress
+
+from .adaround import AdaRoundConfig
+
+NetFactory = Callable[[], gluon.HybridBlock]
+STEPS = ("calibrate", "cle+bc", "adaround", "adaround+qdrop", "fallback")
+DEFAULT_METHODS = ("minmax", "kl", "aciq", "mse", "eq")
+LAYER_TYPES = ["Conv2D", "Dense"]
+
+
+@dataclass
+class StepResult:
+    """One scored pipeline: its name, validation accuracy, drop from fp32, gain over the best before it,
+    seconds, whether it met the target, and what it did."""
+
+    step: str
+    accuracy: float
+    drop: float
+    gain: float
+    seconds: float
+    met: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizeResult:
+    """The chosen quantized net and the trail of every step scored."""
+
+    net: gluon.HybridBlock
+    chosen: str
+    fp32_accuracy: float
+    target_drop: float
+    met: bool
+    config_list: list[dict[str, Any]]
+    steps: list[StepResult]
+
+    def summary(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "fp32_accuracy": self.fp32_accuracy, "target_drop": self.target_drop,
+                "met": self.met, "config_list": self.config_list,
+                "steps": [{k: v for k, v in vars(s).items()} for s in self.steps]}
+
+
+def _accuracy(net: gluon.HybridBlock, x: np.ndarray, y: np.ndarray) -> float:
+    from deployq.zoo import predict
+
+    return float(np.mean(predict(net, x).argmax(1) == y))
+
+
+def build(net: gluon.HybridBlock, xc: np.ndarray, profile: Any, config_list: list[dict[str, Any]] | None,
+          method: str, cle: bool = False, bc: bool = False, ada: AdaRoundConfig | None = None, quiet: bool = True
+          ) -> tuple[gluon.HybridBlock, dict[str, Any]]:
+    """One pipeline on fp32 ``net`` (quantized in place): quantize, [CLE], calibrate with ``method`` (and the
+    outputs' ranges), [bias correction], [AdaRound with ``ada``]; returns the net and what was done."""
+    from deployq.calib import apply, calibrate
+
+    import deployq
+    from deployq.layerwise import calibrate_outputs
+
+    from .adaround import adaround
+    from .biascorr import bias_correction
+    from .cle import equalize
+
+    net = deployq.quantize(net, config_list, profile=profile)
+    detail: dict[str, Any] = {"method": method}
+    if cle:
+        detail["cle_pairs"] = len(equalize(net, xc.shape[1:])["pairs"])
+    apply(net, calibrate(net, xc, method=method, profile=profile, quiet=True))
+    calibrate_outputs(net, xc)
+    if bc:
+        bias_correction(net, xc)
+    if ada is not None:
+        detail["adaround_seconds"] = adaround(net, xc, ada, quiet=quiet)["seconds"]
+    return net, detail
+
+
+class _Pipeline:
+    def __init__(self, make_net: NetFactory, xc: np.ndarray, profile: Any, config_list: list[dict[str, Any]] | None,
+                 quiet: bool) -> None:
+        self.make_net, self.xc, self.profile, self.quiet = make_net, xc, profile, quiet
+        self.config_list = config_list
+
+    def build(self, method: str, cle: bool = False, bc: bool = False, ada: AdaRoundConfig | None = None,
+              config_list: list[dict[str, Any]] | None = None) -> tuple[gluon.HybridBlock, dict[str, Any]]:
+        return build(self.make_net(), self.xc, self.profile, config_list or self.config_list, method, cle, bc, ada,
+                     self.quiet)
+
+
+def optimize(make_net: NetFactory, x_calib: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+             target_drop: float = 0.01, profile: Any = "ncnn", config_list: list[dict[str, Any]] | None = None,
+             methods: tuple[str, ...] = DEFAULT_METHODS, steps: tuple[str, ...] = STEPS,
+             adaround_config: AdaRoundConfig | None = None, qdrop: float = 0.5, max_fp32_layers: int = 4,
+             quiet: bool = False, on_step: Callable[[StepResult], None] | None = None) -> OptimizeResult:
+    """Run the steps of the module docstring until one meets ``target_drop`` (a share: 0.01 = 1 point).
+
+    ``make_net`` returns a fresh fp32 net (each step quantizes its own); ``x_calib``: calibration images (also
+    AdaRound's), ``x_val``/``y_val``: validation images and labels; ``config_list``/``profile`` as
+    ``deployq.quantize``; ``steps``: a subset of :data:`STEPS`; ``on_step`` is called with each scored step."""
+    from deployq.api import quant_layers
+
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ValueError(f"unknown optimize step(s) {unknown}; steps: {', '.join(STEPS)}")
+    if not methods:
+        raise ValueError("optimize needs at least one calibration method")
+    from deployq.calib import CALIBRATORS
+
+    bad = [m for m in methods if m not in CALIBRATORS]
+    if bad:
+        raise ValueError(f"unknown calibration method(s) {bad}; available: {', '.join(sorted(CALIBRATORS))}")
+    ada = adaround_config or AdaRoundConfig()
+    fp32 = _accuracy(make_net(), x_val, y_val)
+    pipe = _Pipeline(make_net, np.asarray(x_calib, np.float32), profile, config_list, quiet)
+    trail: list[StepResult] = []
+    best: dict[str, Any] = {"acc": -1.0}
+    bar = progress(total=None, desc="optimize", disable=quiet)
+
+    def score(name: str, build: Callable[[], tuple[gluon.HybridBlock, dict[str, Any]]], **keep: Any) -> bool:
+        t0 = time.perf_counter()
+        net, detail = build()
+        acc = _accuracy(net, x_val, y_val)
+        r = StepResult(name, acc, fp32 - acc, acc - max(best["acc"], 0.0), time.perf_counter() - t0,
+                       fp32 - acc <= target_drop, detail)
+        trail.append(r)
+        bar.update(1)
+        bar.set_postfix_str(f"{name} {acc:.4f}")
+        if on_step is not None:
+            on_step(r)
+        if acc > best["acc"]:
+            best.update(acc=acc, net=net, name=name, **keep)
+        return r.met
+
+    def done() -> OptimizeResult:
+        bar.close()
+        met = bool(trail) and trail[-1].met
+        cfg = best.get("config_list", config_list) or [{"op_types": LAYER_TYPES}]
+        return OptimizeResult(best["net"], best["name"], fp32, target_drop, met, cfg, trail)
+
+    for m in methods:
+        if score(f"calibrate:{m}", lambda m=m: pipe.build(m), method=m, cle=False):
+            return done()
+        if "calibrate" not in steps:
+            break
+    plain = {"method": best["method"], "cle": False}
+    if "cle+bc" in steps:
+        if score("cle+bc", lambda: pipe.build(plain["method"], cle=True, bc=True), method=plain["method"], cle=True):
+            return done()
+        if best["name"] == "cle+bc":
+            plain["cle"] = True
+    if "adaround" in steps:
+        if score("adaround", lambda: pipe.build(plain["method"], plain["cle"], plain["cle"], ada),
+                 method=plain["method"], cle=plain["cle"]):
+            return done()
+    if "adaround+qdrop" in steps and qdrop > 0:
+        if score("adaround+qdrop", lambda: pipe.build(plain["method"], plain["cle"], plain["cle"],
+                                                     replace(ada, qdrop=qdrop)),
+                 method=plain["method"], cle=plain["cle"]):
+            return done()
+    if "fallback" in steps and max_fp32_layers > 0:
+        from deployq.sensitivity import analyse
+
+        rep = analyse(make_net, x_calib, x_val, y_val, profile=profile if isinstance(profile, str) else "ncnn")
+        ranked = [r["layer"] for r in rep["layers"]]
+        base = config_list or [{"op_types": LAYER_TYPES}]
+        names = list(quant_layers(best["net"]))
+        kept: list[str] = []
+        for layer in [k for k in ranked if k in names][:max_fp32_layers]:
+            kept.append(layer)
+            cfg = [*base, {"op_names": sorted(kept), "exclude": True}]
+            if score(f"fallback:{len(kept)}", lambda cfg=cfg: pipe.build(plain["method"], plain["cle"],
+                                                                          plain["cle"], config_list=cfg),
+                     config_list=cfg, fp32_layers=list(kept)):
+                return done()
+    return done()
