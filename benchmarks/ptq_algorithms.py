@@ -163,16 +163,18 @@ def print_table(res: dict) -> None:
               f"calibration images, AdaRound {res['iters']} iterations/layer)")
         settings = list(m["settings"])
         print(f"{'method':<10}" + "".join(f"{s:>15}" for s in settings) + "   (accuracy (change vs fp32, points))")
-        labels = list(next(iter(m["settings"].values())))
+        labels = list(dict.fromkeys(k for rs in m["settings"].values() for k in rs))
         for label in labels:
             cells = []
             for s in settings:
-                a = m["settings"][s][label]["accuracy"]
+                a = m["settings"][s].get(label, {}).get("accuracy")
                 cells.append(f"{'n/a':>15}" if a is None else f"{a:.4f} ({100 * (a - m['fp32']):+.1f})".rjust(15))
             print(f"{label:<10}" + "".join(cells))
         for s in settings:
             rs = m["settings"][s]
             best = max((v["accuracy"], k) for k, v in rs.items() if v["accuracy"] is not None)
+            if "minmax" not in rs:
+                continue
             mm = rs["minmax"]["accuracy"]
             print(f"  {s}: best {best[1]} {best[0]:.4f}; minmax {mm:.4f}; best/minmax {best[0] / mm:.3f}")
     if "resnet18_timing" in res:

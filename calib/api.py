@@ -237,7 +237,7 @@ def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: st
     :param data: a NumPy/NDArray array of images, a Gluon DataLoader or any re-iterable of batches or
         ``(x, y)`` pairs. kl (ncnn's histogram over the whole set's range) and EMA with ``passes > 1`` read it
         more than once; minmax, ema, percentile and mse once.
-    :param method: a name in ``CALIBRATORS`` (minmax, ema, kl, percentile, mse); ``method_kwargs`` go to
+    :param method: a name in ``CALIBRATORS`` (minmax, ema, kl, percentile, mse, aciq, eq); ``method_kwargs`` go to
         its class (``percentile=99.99``, ``momentum=0.9, passes=1``, ``num_bins`` (kl 2048; percentile/mse
         4096, a power of two),
         ``max_clipped_share=1e-3`` (KL clip guard, None = off)).

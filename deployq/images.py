@@ -77,8 +77,10 @@ def list_folder(folder: Path) -> tuple[list[Path], list[int] | None, list[str]]:
 
 def decode(path: Path, pre: Preprocess) -> np.ndarray:
     """One image file -> float32 C×H×W; InputError naming the file when it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
+    # a truncated file is an error even where an imported library (gluoncv.data.mhp) set Pillow's global flag
+    tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as img:
             img.load()
@@ -86,6 +88,8 @@ def decode(path: Path, pre: Preprocess) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"cannot decode image ({type(e).__name__}: {str(e)[:120]})", where=path,
                          fix="remove the file or pass --skip-bad-images") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
 
 def _buffer(n: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -111,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
     def line(r) -> None:
         if not args.quiet and not args.json_out:
-            print(f"{r.step:<18} accuracy {r.accuracy:.4f}  drop {r.drop:+.4f}  gain {r.gain:+.4f}  "
-                  f"{r.seconds:6.1f}s  {'met' if r.met else ''}", file=sys.stderr)
+            from tqdm import tqdm
+
+            tqdm.write(f"{r.step:<18} accuracy {r.accuracy:.4f}  drop {r.drop:+.4f}  gain {r.gain:+.4f}  "
+                       f"{r.seconds:6.1f}s  {'met' if r.met else ''}".rstrip(), file=sys.stderr)
 
     try:
         res = optimize(make_net, xc, x, y, args.target_drop, prof, cfg, methods, steps,

@@ -7,7 +7,7 @@ so ``W = s (floor(W_f / s) + h(V))`` with the rectified sigmoid ``h(V) = clip(si
 gamma, 0, 1)`` (zeta = 1.1, gamma = -0.1), V initialised so that h(V) is the fractional part. The loss is the
 reconstruction error of the layer's output (after the activation the IR fuses into it: ReLU, ReLU6) on its
 *simulated* input (earlier layers quantized with their learned rounding, the layer's own input grid and range)
-against the fp32 net's output, summed over channels and averaged over the batch and positions, plus
+against the fp32 net's output, summed over the output and averaged over the batch, plus
 ``reg * sum(1 - |2h - 1|^beta)`` with beta annealed from 20 to 2 after a warm-up without it (Adam on V). The
 final code is ``floor + (V >= 0)``; a weight whose nearest code is the grid's end (each unit's max |W|, which
 fixes the step) keeps its nearest code, so the step is unchanged.
@@ -88,8 +88,7 @@ def _beta(it: int, cfg: AdaRoundConfig) -> float | None:
 
 
 def _output_mse(F, y, t):
-    """Squared error summed over channels, averaged over the batch and positions (BRECQ's ``lp_loss``)."""
-    return F.mean(F.sum(F.square(y - t), axis=1))
+    return F.mean(F.sum(F.reshape(F.square(y - t), (0, -1)), axis=1))
 
 
 def round_layer(blk: Any, node: Any, xq: np.ndarray, target: np.ndarray, x_fp: np.ndarray | None,
@@ -168,16 +167,18 @@ def _fp32_cache(g: Any, x: np.ndarray, tensors: list[str]) -> dict[str, np.ndarr
 
 
 def adaround(qnet: gluon.HybridBlock, x: np.ndarray, config: AdaRoundConfig | None = None,
-             layers: list[str] | None = None, quiet: bool = True) -> dict[str, Any]:
+             layers: list[str] | None = None, quiet: bool = True, reference: Any = None) -> dict[str, Any]:
     """Learn the weight rounding of every quantized layer (or ``layers``) of ``qnet`` in place, in network order,
     on calibration images ``x`` (the input ranges must be set: calibrate first). Returns per layer the output
-    MSE with nearest and learned rounding, the share of codes changed, and the seconds taken."""
+    MSE with nearest and learned rounding, the share of codes changed, and the seconds taken. ``reference``: the
+    fp32 graph IR to reconstruct (default: the net's float graph now; pass the one taken before an earlier pass
+    that changed the stored floats, such as bias correction)."""
     from deployq.api import _clear_cache, quant_layers
 
     cfg = config or AdaRoundConfig()
     rng = np.random.default_rng(cfg.seed)
     x = np.asarray(x, np.float32)
-    g = fp32_graph(qnet, x.shape[1:])
+    g = reference if reference is not None else fp32_graph(qnet, x.shape[1:])
     q = quant_layers(qnet)
     todo = [p for p in q if (layers is None or p in layers) and q[p].layer_config.weight is not None]
     report: dict[str, Any] = {"config": asdict(cfg), "images": int(len(x)), "layers": {}}

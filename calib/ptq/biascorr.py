@@ -35,13 +35,14 @@ def layer_errors(qnet: gluon.HybridBlock, g: Any, path: str, x: np.ndarray, y_fp
     return np.moveaxis(d, 1, 0).reshape(d.shape[1], -1).mean(1)
 
 
-def bias_correction(qnet: gluon.HybridBlock, x: np.ndarray, layers: list[str] | None = None, quiet: bool = True
-                    ) -> dict[str, dict[str, float]]:
+def bias_correction(qnet: gluon.HybridBlock, x: np.ndarray, layers: list[str] | None = None, quiet: bool = True,
+                    reference: Any = None) -> dict[str, dict[str, float]]:
     """Correct the biases in place (see the module docstring); returns ``{layer: {"mean_abs_error_before",
-    "corrected"}}``. ``x``: calibration images (the quantized net's input ranges must be set)."""
+    "corrected"}}``. ``x``: calibration images (the quantized net's input ranges must be set); ``reference``: the
+    fp32 graph IR to match (default: the net's float graph now; the corrected biases change it)."""
     from deployq.api import _clear_cache, quant_layers
 
-    g = fp32_graph(qnet, x.shape[1:])
+    g = reference if reference is not None else fp32_graph(qnet, x.shape[1:])
     q = quant_layers(qnet)
     todo = [p for p in q if layers is None or p in layers]
     out: dict[str, dict[str, float]] = {}

@@ -5,7 +5,8 @@ the simulated quantized accuracy) is at most ``target_drop`` is returned:
 
 1. ``calibrate:<method>`` for each calibrator of ``methods`` (cheap first; the best one is kept for the rest);
 2. ``cle+bc``: cross-layer equalization before calibration, empirical bias correction after it;
-3. ``adaround``: learned rounding on top of the better of 1 and 2;
+3. ``adaround``: learned rounding on top of the better of 1 and 2 (with 2: CLE, calibration, AdaRound, then bias
+   correction; AdaRound and bias correction both match the fp32 graph taken before either changed the floats);
 4. ``adaround+qdrop``: the same with QDrop's random dropping of input quantization;
 5. ``fallback:<n>``: the best learned-free pipeline (1 or 2) with the n most sensitive layers
    (``deployq.sensitivity``'s ranking) in fp32, n = 1 .. ``max_fp32_layers``.
@@ -76,7 +77,7 @@ def build(net: gluon.HybridBlock, xc: np.ndarray, profile: Any, config_list: lis
           method: str, cle: bool = False, bc: bool = False, ada: AdaRoundConfig | None = None, quiet: bool = True
           ) -> tuple[gluon.HybridBlock, dict[str, Any]]:
     """One pipeline on fp32 ``net`` (quantized in place): quantize, [CLE], calibrate with ``method`` (and the
-    outputs' ranges), [bias correction], [AdaRound with ``ada``]; returns the net and what was done."""
+    outputs' ranges), [AdaRound with ``ada``], [bias correction]; returns the net and what was done."""
     from deployq.calib import apply, calibrate
 
     import deployq
@@ -85,6 +86,7 @@ def build(net: gluon.HybridBlock, xc: np.ndarray, profile: Any, config_list: lis
     from .adaround import adaround
     from .biascorr import bias_correction
     from .cle import equalize
+    from .layers import fp32_graph
 
     net = deployq.quantize(net, config_list, profile=profile)
     detail: dict[str, Any] = {"method": method}
@@ -92,10 +94,12 @@ def build(net: gluon.HybridBlock, xc: np.ndarray, profile: Any, config_list: lis
         detail["cle_pairs"] = len(equalize(net, xc.shape[1:])["pairs"])
     apply(net, calibrate(net, xc, method=method, profile=profile, quiet=True))
     calibrate_outputs(net, xc)
-    if bc:
-        bias_correction(net, xc)
+    # both passes change the stored floats (the float graph too): each matches the fp32 net as it was before them
+    ref = fp32_graph(net, xc.shape[1:]) if bc or ada is not None else None
     if ada is not None:
-        detail["adaround_seconds"] = adaround(net, xc, ada, quiet=quiet)["seconds"]
+        detail["adaround_seconds"] = adaround(net, xc, ada, quiet=quiet, reference=ref)["seconds"]
+    if bc:
+        bias_correction(net, xc, reference=ref)
     return net, detail
 
 
@@ -144,7 +148,7 @@ def optimize(make_net: NetFactory, x_calib: np.ndarray, x_val: np.ndarray, y_val
         t0 = time.perf_counter()
         net, detail = build()
         acc = _accuracy(net, x_val, y_val)
-        r = StepResult(name, acc, fp32 - acc, acc - max(best["acc"], 0.0), time.perf_counter() - t0,
+        r = StepResult(name, acc, fp32 - acc, acc - best["acc"] if best["acc"] >= 0 else 0.0, time.perf_counter() - t0,
                        fp32 - acc <= target_drop, detail)
         trail.append(r)
         bar.update(1)

@@ -129,15 +129,13 @@ def output_blobs(model: NcnnModel) -> list[str]:
 def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> tuple[dict[str, bytes], NcnnModel]:
     """Every export file's bytes keyed like :data:`SUFFIXES`, and the int8 model. The Caffe pair is left out,
     with a :class:`CaffeSkippedWarning` naming the layer, when Caffe cannot express an op of the graph."""
-    # the fp32 model carries the weights the Caffe pair and the int8 model carry (the quantized net's own BN fold):
-    # ncnn2int8 on it then gives the int8 model's codes (g's fp32 fold differs by an ulp and flips some)
-    fp32, int8 = lower(gq, int8=False), lower(gq, int8=True)
+    fp32, int8 = lower(g, int8=False), lower(gq, int8=True)
     out: dict[str, bytes] = {}
     try:
         net = to_caffe(gq)
     except UnsupportedOpError as e:
         warnings.warn(f"Caffe pair (.prototxt/.caffemodel) not written: {e}. The direct ncnn models and the "
-                      "table are written (ncnn2int8 also reads the table with the direct fp32 .param/.bin).",
+                      "table are written (use the direct int8 model: the table goes with the Caffe pair).",
                       CaffeSkippedWarning, stacklevel=3)
     else:
         out["prototxt"] = prototxt_text(net).encode()

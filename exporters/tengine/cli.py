@@ -160,14 +160,3 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="print a JSON summary (written files, model, input shape) instead of the file list")
     p.set_defaults(func=run_export_tengine)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m deployq.exporters.tengine.cli export-tengine ...``)."""
-    from deployq.cli import main as deployq_main
-
-    return deployq_main(argv)  # one error report and exit-code scheme for every command
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,3 +13,18 @@ def tengine_tools() -> TengineTools:
     if tools is None:
         pytest.skip(f"Tengine's tools not built: {why}")
     return tools
+
+
+@pytest.fixture(scope="session")
+def ncnn_bin():
+    """The folder ``NCNN_BIN`` names, holding caffe2ncnn and ncnn2int8."""
+    import os
+    from pathlib import Path
+
+    b = os.environ.get("NCNN_BIN")
+    if not b:
+        pytest.skip("ncnn's tools not built: NCNN_BIN not set (bash ../shared/engines/build.sh prints it)")
+    missing = [t for t in ("caffe2ncnn", "ncnn2int8") if not (Path(b) / t).is_file()]
+    if missing:
+        pytest.skip(f"ncnn's tools not built: {', '.join(missing)} not in NCNN_BIN={b}")
+    return Path(b)

@@ -141,10 +141,11 @@ def test_scale_table(exported):
 def test_quantized_net_codes_and_thresholds(tmp_path, test_images):
     """A net quantized with the tengine profile: Tengine recovers its trained codes; its layer-input
     thresholds win over calibration; the CLI exports it from deployq.save files."""
-    from deployq.exporters.tengine.cli import graph_from_qnet, main
+    from deployq.exporters.tengine.cli import graph_from_qnet
     from mxnet import autograd
 
     import deployq
+    from deployq.cli import main
 
     net = get_trained("mobilenet0.25", verbose=False)
     deployq.quantize(net, profile="tengine")

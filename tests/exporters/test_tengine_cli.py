@@ -10,8 +10,9 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
-from deployq.exporters.tengine.cli import main
 from mxnet.gluon import nn
+
+from deployq.cli import main
 
 
 def _export_small(tmp_path, name="small"):

@@ -52,8 +52,7 @@ FAMILIES: tuple[Family, ...] = (
 BY_NAME = {f.name: f for f in FAMILIES}
 
 #: small families that the default test suite runs (the rest: benchmarks/zoo_coverage.py or DEPLOYQ_ZOO=all)
-FAST = ("cifar_resnet20_v1", "cifar_resnet20_v2", "mobilenet0.25", "cifar_resnext29_32x4d", "se_resnet18_v1",
-        "resnet18_v1b")
+FAST = ("cifar_resnet20_v1", "cifar_resnet20_v2", "mobilenet0.25", "cifar_resnext29_32x4d", "se_resnet18_v1")
 
 
 @dataclass(frozen=True)
