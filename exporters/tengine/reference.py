@@ -186,7 +186,7 @@ class TengineReference:
             elif n.op == "Concat":
                 parts = []
                 for q, s in zip(ins, s_ins, strict=True):
-                    r = round_half_away(q.astype(F32) * F32(s) / F32(s_out))
+                    r = round_half_away(q.astype(F32) * (F32(s) / F32(s_out)))  # rescale = s_in / s_out
                     r = np.where(r < -QMAX, QMAX, np.minimum(r, QMAX))  # Tengine's bug: < -127 -> +127
                     parts.append(r.astype(np.int8))
                 out = np.concatenate(parts, axis=a["dim"])

@@ -97,6 +97,14 @@ def _lower_int(exp: TengineExport, step: dict[str, float]) -> NodeHook:
         if n.op == "Pooling":
             return _pool(n, xs[0], step[exp.tensor_map[n.inputs[0]]], step[exp.tensor_map[n.output]],
                          shapes[n.inputs[0]])
+        if n.op == "Concat":  # concat_kernel_ref_int8.c: roundf(q * (s_in / s_out)), < -127 -> +127 (its bug)
+            s_out = step[exp.tensor_map[n.output]]
+            parts = []
+            for t, x in zip(n.inputs, xs, strict=True):
+                s_in = step[exp.tensor_map[t]]
+                r = mx.sym.round(mx.sym.round(x / s_in) * float(np.float32(s_in) / np.float32(s_out)))
+                parts.append(mx.sym.where(r < -QMAX, mx.sym.ones_like(r) * QMAX, mx.sym.minimum(r, QMAX)))
+            return mx.sym.Concat(*parts, dim=a["dim"], num_args=len(parts)) * s_out
         return None
 
     return lower_node
