@@ -134,7 +134,7 @@ def _dumps(tmp: Path, rank: int) -> list[dict[str, np.ndarray]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,contexts", [("qat", 2), ("observe", 1)])
+@pytest.mark.parametrize("config,contexts", [("qat", 2), pytest.param("observe", 1, marks=pytest.mark.sweep)])
 def test_two_workers_match_single_process(tmp_path: Path, config: str, contexts: int) -> None:
     data = _data(tmp_path)
     _run_workers(config, tmp_path)
@@ -189,7 +189,7 @@ def _qat_cmd(out: Path, *extra: str) -> list[str]:
             "--out", str(out), "--quiet", "--json", *extra]
 
 
-@pytest.mark.slow
+@pytest.mark.sweep
 def test_killed_worker_stops_the_run_and_resume_finishes(tmp_path: Path) -> None:
     out = tmp_path / "q"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
