@@ -10,12 +10,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from deployq.data import load_mnist5k
 from deployq.exporters.ncnn.runtime import run
-from deployq.zoo import predict
 
 import deployq
-
+from deployq.data import load_mnist5k
+from deployq.zoo import predict
 from tests.engines.arm.qemu import find_runner, run_arm
 
 
