@@ -19,6 +19,7 @@ from deployq.exporters.onnx import export as onnx_export
 from deployq.exporters.tengine import cli as tengine_cli
 
 import deployq
+from deployq.cli import main as deployq_main
 from deployq.data import class_balanced_subset, load_mnist5k
 from deployq.profiles import load_profile
 from deployq.zoo import get_trained
@@ -107,7 +108,7 @@ def test_onnx_scale_file_uint8(tmp_path, calib_x):
 
 
 def test_tengine_scale_file(tmp_path, calib_x):
-    assert tengine_cli.main(["export-tengine", "resnet20", "--calib-samples", "64", "--out", str(tmp_path / "a"),
+    assert deployq_main(["export-tengine", "resnet20", "--calib-samples", "64", "--out", str(tmp_path / "a"),
                              "--name", "r"]) == 0
     sf = _load_round_trip(tmp_path / "a" / "r.scales.json", deployq.fingerprint(
         deployq.quantize(get_trained("resnet20", verbose=False), profile="tengine")))
@@ -129,7 +130,7 @@ def test_tengine_scale_file(tmp_path, calib_x):
     # a deployq calibration file given to Tengine: its thresholds win; Tengine's file still loads
     _, ref = _calibrated("resnet20", "tengine", "kl", calib_x)
     ref.save(tmp_path / "kl.json")
-    assert tengine_cli.main(["export-tengine", "resnet20", "--scales", str(tmp_path / "kl.json"), "--calib-samples",
+    assert deployq_main(["export-tengine", "resnet20", "--scales", str(tmp_path / "kl.json"), "--calib-samples",
                              "64", "--out", str(tmp_path / "b"), "--name", "r"]) == 0
     sf2 = _load_round_trip(tmp_path / "b" / "r.scales.json", sf.fingerprint)
     assert sf2.tensors["data"].threshold == pytest.approx(ref.tensors["features.0:input"].threshold)

@@ -77,7 +77,8 @@ build_ncnn() {
     # Only the layers deployq's ncnn exports (and ncnn's own int8 helpers) use.
     local keep=" Input Convolution ConvolutionDepthWise InnerProduct Pooling ReLU Clip Eltwise BinaryOp Split
         Flatten Reshape Softmax Concat Padding Packing Cast Quantize Dequantize Requantize Noop Dropout Crop
-        BatchNorm Bias Scale Sigmoid HardSigmoid HardSwish "
+        BatchNorm Bias Scale Sigmoid HardSigmoid HardSwish ShuffleChannel Slice Permute Interp Swish PReLU
+        UnaryOp Reduction TanH ELU Deconvolution DeconvolutionDepthWise Normalize "
     local layers=() l
     for l in $(grep -oE '^ncnn_add_layer\([A-Za-z0-9]+' "$src/src/CMakeLists.txt" | sed 's/ncnn_add_layer(//'); do
         case "$keep" in *" $l "*|*" $l"$'\n'*) on=ON ;; *) on=OFF ;; esac

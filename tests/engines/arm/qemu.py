@@ -1,4 +1,4 @@
-"""Run the aarch64 ncnn runner (``tests/engines/arm/build.sh``) under qemu-user on NumPy images."""
+"""Run the aarch64 ncnn / Tengine runners (``tests/engines/arm/build.sh``) under qemu-user on NumPy images."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import numpy as np
 SYSROOT = "/usr/aarch64-linux-gnu"
 
 
-def find_runner() -> tuple[list[str] | None, str]:
-    """The command prefix that runs the aarch64 ncnn runner (qemu + runner), or None and why not."""
-    runner = os.environ.get("NCNN_ARM_RUNNER")
+def find_runner(var: str = "NCNN_ARM_RUNNER") -> tuple[list[str] | None, str]:
+    """The command prefix that runs the aarch64 runner ``$var`` names (qemu + runner), or None and why not."""
+    runner = os.environ.get(var)
     if not runner:
-        return None, "NCNN_ARM_RUNNER not set (bash tests/engines/arm/build.sh prints it)"
+        return None, f"{var} not set (bash tests/engines/arm/build.sh prints it)"
     if not Path(runner).is_file():
-        return None, f"NCNN_ARM_RUNNER={runner} does not exist"
+        return None, f"{var}={runner} does not exist"
     qemu = shutil.which("qemu-aarch64")
     if qemu is None:
         return None, "qemu-aarch64 not found (apt-get install qemu-user)"
@@ -41,6 +41,13 @@ def read_outputs(path: Path) -> np.ndarray:
     return np.frombuffer(raw[8:], "<f4").reshape(int(n), int(k)).copy()
 
 
+def _run(args: list[str], cpu: str | None, what: str, extra_env: dict[str, str] | None = None) -> None:
+    env = dict(os.environ, **({"QEMU_CPU": cpu} if cpu else {}), **(extra_env or {}))
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}): {r.stderr.strip()}")
+
+
 def run_arm(cmd: list[str], param: str | Path, bin_: str | Path, x: np.ndarray, input_blob: str = "data",
             output_blob: str = "output", packing: bool = True, cpu: str | None = None) -> np.ndarray:
     """Outputs of ``output_blob`` for NCHW images ``x`` from ncnn's aarch64 build under qemu (``cpu``: a
@@ -51,8 +58,21 @@ def run_arm(cmd: list[str], param: str | Path, bin_: str | Path, x: np.ndarray, 
         args = [*cmd, str(param), str(bin_), str(src), str(dst), input_blob, output_blob]
         if not packing:
             args.append("--no-packing")
-        env = dict(os.environ, **({"QEMU_CPU": cpu} if cpu else {}))
-        r = subprocess.run(args, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise RuntimeError(f"ncnn_run failed ({r.returncode}): {r.stderr.strip()}")
+        _run(args, cpu, "ncnn_run")
         return read_outputs(dst)
+
+
+def run_tengine_arm(cmd: list[str], tmfile: str | Path, x: np.ndarray, cpu: str | None = None,
+                    reference_kernels: bool = False) -> tuple[np.ndarray, float]:
+    """int8 output codes (N, K) and the output scale of an int8 tmfile for NCHW images ``x`` from Tengine's
+    aarch64 build under qemu (input quantized as Tengine's examples do); ``reference_kernels``: Tengine's
+    portable C reference kernels (``TG_DEBUG_REF=1``) instead of the NEON/assembly ones."""
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "in.raw", Path(d) / "out.raw"
+        write_images(x, src)
+        _run([*cmd, str(tmfile), str(src), str(dst)], cpu, "tengine_run",
+             {"TG_DEBUG_REF": "1"} if reference_kernels else None)
+        raw = dst.read_bytes()
+        n, k = np.frombuffer(raw[:8], "<i4")
+        scale = float(np.frombuffer(raw[8:12], "<f4")[0])
+        return np.frombuffer(raw[12:], np.int8).reshape(int(n), int(k)).copy(), scale

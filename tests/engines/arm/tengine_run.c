@@ -7,6 +7,7 @@
  * OUT.raw: int32 N, K, float32 output scale, then N*K int8 codes.
  * The input is quantized as Tengine's examples do (and deployq's TengineGraph.quantize_input): x / scale,
  * rounded half away from zero, clamped to [-127, 127]. One thread, TENGINE_MODE_INT8.
+ * TENGINE_RUN_TENSOR=NAME in the environment writes that tensor's codes instead of the graph output.
  */
 #include <math.h>
 #include <stdint.h>
@@ -52,6 +53,15 @@ int main(int argc, char** argv)
     int zp = 0;
     get_tensor_quant_param(in, &in_scale, &zp, 1);
     tensor_t out = get_graph_output_tensor(graph, 0, 0);
+    const char* dump = getenv("TENGINE_RUN_TENSOR");
+    int8_t* own = NULL;
+    if (dump && *dump)
+    {
+        out = get_graph_tensor(graph, dump);
+        if (!out) return fail("no such tensor", dump);
+        own = (int8_t*)calloc((size_t)get_tensor_buffer_size(out), 1);
+        if (set_tensor_buffer(out, own, get_tensor_buffer_size(out)) != 0) return fail("cannot own buffer", dump);
+    }
 
     FILE* fout = fopen(argv[3], "wb");
     if (!fout) return fail("cannot write", argv[3]);
@@ -84,6 +94,7 @@ int main(int argc, char** argv)
     postrun_graph(graph);
     destroy_graph(graph);
     release_tengine();
+    free(own);
     free(qin);
     free(img);
     return 0;
