@@ -251,19 +251,28 @@ def lower(g: Graph, ranges: dict[str, tuple[float, float]] | None = None, name: 
             t = mapping[n.output]
             thr[t] = ScaleRecord(t, SOFTMAX_THRESHOLD, 0.0, 1.0, "softmax")
     groups = _union_find_groups(g, mapping)
-    for root in set(groups.values()):
-        members = [t for t, r in groups.items() if r == root]
+    members_of: dict[str, list[str]] = {}
+    for t, r in groups.items():
+        members_of.setdefault(r, []).append(t)
+    for members in members_of.values():
         if len(members) > 1:
             given = [thr[t] for t in members if not thr[t].source.startswith("calibration")]
             best = max(given or [thr[t] for t in members], key=lambda r: r.threshold)  # given ones win
             for t in members:
                 thr[t] = ScaleRecord(t, best.threshold, thr[t].lo, thr[t].hi, best.source + "+shared")
-    for n in g.nodes:  # Tengine's int8 concat clamps values below -127 to +127: keep s_out >= every s_in
-        if n.op == "Concat":
-            t = mapping[n.output]
+    # Tengine's int8 concat clamps values below -127 to +127: keep s_out >= every s_in; a raised concat output
+    # raises its whole pass-through group (quant_tool's inplace mode would give it the max pooling's scale)
+    changed = True
+    while changed:
+        changed = False
+        for n in g.nodes:
+            if n.op != "Concat":
+                continue
             need = max(thr[mapping[i]].threshold for i in n.inputs)
-            if thr[t].threshold < need:
-                thr[t] = ScaleRecord(t, need, thr[t].lo, thr[t].hi, thr[t].source + "+concat")
+            if thr[mapping[n.output]].threshold < need:
+                changed = True
+                for t in members_of[groups[mapping[n.output]]]:
+                    thr[t] = ScaleRecord(t, need, thr[t].lo, thr[t].hi, thr[t].source + "+concat")
     for t, r in list(thr.items()):
         if not r.threshold > 0:
             notes.append(f"{g.name}: tensor {t!r} is all zero over calibration; threshold set to 1.0")
