@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from deployq.exporters.ir.graph import Graph, Node
+from deployq.exporters.ir.normalize import normalize
 
 WEIGHTED_OPS = ("Convolution", "FullyConnected")
 
@@ -88,6 +89,4 @@ def mark_fusable_activations(g: Graph) -> Graph:
 def optimize(g: Graph) -> Graph:
     """The standard pipeline: normalise MXNet idioms (``normalize``), drop Dropout, fold BatchNorm, mark
     fusable activations."""
-    from deployq.exporters.ir.normalize import normalize
-
     return mark_fusable_activations(fold_batchnorm(drop_dropout(normalize(g))))

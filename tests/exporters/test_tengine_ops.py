@@ -173,3 +173,34 @@ def test_params_named_state_or_label_are_renamed(tmp_path):
     exp = tengine.lower_model(g, [X])
     text = write(exp, tmp_path)[0].read_text()
     assert "state" not in text and "label" not in text and "stat_" in text
+
+
+class _ConcatPool(gluon.HybridBlock):
+    """Two branches of different ranges concatenated, then a max pooling (googlenet's inception blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2D(4, 1, in_channels=3), nn.Conv2D(4, 1, in_channels=3)
+
+    def hybrid_forward(self, F, x):
+        y = F.Concat(self.a(x), self.b(x), dim=1)
+        return F.Pooling(y, kernel=(2, 2), stride=(2, 2), pool_type="max")
+
+
+def test_concat_scale_spreads_to_the_following_max_pooling():
+    """quant_tool's inplace mode gives a max pooling's input its output scale: a concat whose scale was raised to
+    cover its inputs must hand the same scale to the pooling, or Tengine runs the concat on the smaller one."""
+    net = _ConcatPool()
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.array(X[:1]))
+    net.b.weight.set_data(net.b.weight.data() * 8)  # branch b has the wider range
+    g = from_gluon(net, (1, 3, 16, 16))
+    from deployq.exporters.ir.graph import TensorQuant
+
+    cat_t = next(n for n in g.nodes if n.op == "Concat").output
+    g.quant[cat_t] = TensorQuant(0.01, -0.01, 0.01, "scale-file")  # a (KL-like) threshold below the inputs'
+    exp = tengine.lower_model(g, [X])
+    cat = next(n for n in exp.graph.nodes if n.op == "Concat")
+    pool = next(n for n in exp.graph.nodes if n.op == "Pooling")
+    s = {r.tensor: r.step for r in exp.scales}
+    assert s[cat.output] == s[pool.output] == max(s[exp.tensor_map[t]] for t in cat.inputs)
