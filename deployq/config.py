@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, MissingInputError
 from .profiles import Profile, TensorGrid
 
 LAYER_TYPES = ("Conv2D", "Dense")
@@ -198,3 +198,20 @@ def resolve(config_list: list[dict[str, Any]] | None, layers: dict[str, tuple[st
             out[name] = replace(c, output=_grid(d, "output", profile.activation, i, depthwise),
                                 output_relu=bool(auto_outputs[name]))
     return out
+
+
+def load_config_list(path: str) -> list:
+    """A config list from a JSON file (``--config`` of every command); InputError naming the file."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise MissingInputError(f"cannot read the --config file ({e.strerror or e})", where=path) from None
+    except ValueError as e:
+        raise InputError(f"--config: not valid JSON ({e})", where=path) from None
+    if not isinstance(cfg, list):
+        raise InputError(f"--config: a deployq config list is a JSON list of dicts, got {type(cfg).__name__}",
+                         where=path)
+    return cfg

@@ -64,20 +64,10 @@ def _profile(args: argparse.Namespace):
     return prof
 
 
-def _config(path: str | None):
-    from pathlib import Path
+def _config(path: str | None) -> list | None:
+    from .config import load_config_list
 
-    from .errors import InputError
-
-    if path is None:
-        return None
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the config list ({e})", where=path) from None
-    if not isinstance(cfg, list):
-        raise InputError("a config list is a JSON list of objects", where=path)
-    return cfg
+    return None if path is None else load_config_list(path)
 
 
 def run(args: argparse.Namespace) -> int:

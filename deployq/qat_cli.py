@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from . import preprocess
+from .config import load_config_list
 from .errors import InputError, UsageError
 from .images import add_data_arguments
 from .modelargs import add_model_arguments
@@ -69,13 +70,7 @@ def _config(path: str | None) -> list | None:
         from .demo import QAT_CONFIG
 
         return QAT_CONFIG
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read a JSON config list ({e})", where=path) from None
-    if not isinstance(cfg, list):
-        raise InputError("a config list is a JSON list of dicts", where=path)
-    return cfg
+    return load_config_list(path)
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -19,7 +19,8 @@ from deployq.exporters.ncnn.export import (
 
 from deployq import preprocess
 from deployq.checks import Fp32LayersWarning
-from deployq.errors import InputError, MissingInputError, UsageError
+from deployq.config import load_config_list
+from deployq.errors import UsageError
 from deployq.modelargs import add_model_arguments
 
 
@@ -48,19 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _read_config(path: str) -> list:
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise MissingInputError(f"cannot read the --config file ({e.strerror or e})", where=path) from None
-    except ValueError as e:
-        raise InputError(f"--config: not valid JSON ({e})", where=path) from None
-    if not isinstance(cfg, list):
-        raise InputError(f"--config: a deployq config list is a JSON list of dicts, got {type(cfg).__name__}",
-                         where=path)
-    return cfg
-
-
 def _apply_scales(net, path: str) -> None:
     """Set the scale file's calibrated input ranges into the quantized net (``deployq.calib.apply``)."""
     import deployq
@@ -79,7 +67,7 @@ def _quantized(args: argparse.Namespace, m):
     min-max on MNIST-5k without one)."""
     import deployq
 
-    config = _read_config(args.config) if args.config else None
+    config = load_config_list(args.config) if args.config else None
     prof = deployq.load_profile("ncnn").with_options(winograd_3x3=args.winograd_3x3)
     deployq.quantize(m.net, config, profile=prof)
     if not deployq.quant_layers(m.net):
