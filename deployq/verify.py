@@ -105,6 +105,9 @@ def check_engine(man: dict[str, Any], engine: str, where: str | Path) -> None:
     if not missing:
         return
     written = man.get("engine")
+    if engine == written and man.get("int8_refused"):
+        raise ValueError(f"{where}: this export has no int8 model: {man['int8_refused']} (its fp32 model "
+                         f"{man['paths'].get('fp32_param', '')} is written)")
     if engine == "mxnet":
         raise ValueError(f"{where}: --engine mxnet re-runs the records of the saved quantized net, and this export "
                          f"has none (files.qnet; an export from MXNet json/params files): its simulation is already "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from deployq.exporters.ncnn.export import (
     CaffeSkippedWarning,
+    Int8SkippedWarning,
     balanced_images,
     export_files,
     export_qnet,
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CaffeSkippedWarning)
         warnings.simplefilter("always", Fp32LayersWarning)
+        warnings.simplefilter("always", Int8SkippedWarning)
         if files_route:
             if not args.scales:
                 raise UsageError("--symbol needs --scales (deployq calibrate --symbol ... --data DIR writes one)")
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             files = export_qnet(_quantized(args, m), args.out, name, model_name=m.name, preprocess=m.preprocess)
     for w in caught:
-        if issubclass(w.category, (CaffeSkippedWarning, Fp32LayersWarning)):
+        if issubclass(w.category, (CaffeSkippedWarning, Fp32LayersWarning, Int8SkippedWarning)):
             print(f"deployq export-ncnn: warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -39,6 +39,11 @@ class CaffeSkippedWarning(UserWarning):
     """The graph has an op that Caffe cannot express: the Caffe pair was not written (the ncnn files were)."""
 
 
+class Int8SkippedWarning(UserWarning):
+    """A layer cannot be written in ncnn's int8: the int8 model, the table and the Caffe pair were not written;
+    the fp32 model, the scale file and what verify needs were (the manifest's ``int8_refused`` says why)."""
+
+
 def minmax_calibrate(qnet: Any, x: np.ndarray) -> None:
     """Set every quantized layer's input range to the min/max of its fp32 input over images ``x``."""
     from deployq.exporters.ir.mxnet_lower import run
@@ -126,10 +131,20 @@ def output_blobs(model: NcnnModel) -> list[str]:
     return [t for ly in model.layers for t in ly.tops if t not in read]
 
 
-def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> tuple[dict[str, bytes], NcnnModel]:
-    """Every export file's bytes keyed like :data:`SUFFIXES`, and the int8 model. The Caffe pair is left out,
-    with a :class:`CaffeSkippedWarning` naming the layer, when Caffe cannot express an op of the graph."""
-    fp32, int8 = lower(g, int8=False), lower(gq, int8=True)
+def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> tuple[dict[str, bytes], NcnnModel | None, str | None]:
+    """Every export file's bytes keyed like :data:`SUFFIXES`, the int8 model and why it was refused (or None).
+    The Caffe pair is left out, with a :class:`CaffeSkippedWarning` naming the layer, when Caffe cannot express
+    an op of the graph; when a layer cannot be written in int8, only the fp32 model and the scale file are
+    (:class:`Int8SkippedWarning`; int8 model None, the reason third)."""
+    fp32 = lower(g, int8=False)
+    scales_bytes = (json.dumps(scales, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        int8 = lower(gq, int8=True)
+    except (GraphError, UnsupportedOpError) as e:  # one layer's int8 refusal never blocks the fp32 model
+        warnings.warn(f"int8 model not written: {e}. Written: the fp32 model (.param/.bin) and the scale file; "
+                      "not written: the int8 model, the table and the Caffe pair", Int8SkippedWarning, stacklevel=3)
+        return ({"fp32_param": param_text(fp32).encode(), "fp32_bin": bin_bytes(fp32), "scales": scales_bytes},
+                None, str(e))
     out: dict[str, bytes] = {}
     try:
         net = to_caffe(gq)
@@ -142,19 +157,19 @@ def render(g: Graph, gq: Graph, scales: dict[str, Any]) -> tuple[dict[str, bytes
         out["caffemodel"] = net.SerializeToString(deterministic=True)
     out.update({"table": table_text(scale_table(gq)).encode(),
                 "fp32_param": param_text(fp32).encode(), "fp32_bin": bin_bytes(fp32),
-                "int8_param": param_text(int8).encode(), "int8_bin": bin_bytes(int8),
-                "scales": (json.dumps(scales, indent=2, sort_keys=True) + "\n").encode()})
-    return out, int8
+                "int8_param": param_text(int8).encode(), "int8_bin": bin_bytes(int8), "scales": scales_bytes})
+    return out, int8, None
 
 
-def _manifest(contents: dict[str, bytes], names: dict[str, str], int8: NcnnModel, gq: Graph, model: str,
+def _manifest(contents: dict[str, bytes], names: dict[str, str], int8: NcnnModel | None, gq: Graph, model: str,
               input_shape: tuple[int, ...], profile: str | None, route: str, preprocess: Any = None,
-              renamed: dict[str, str] | None = None) -> bytes:
+              renamed: dict[str, str] | None = None, int8_refused: str | None = None) -> bytes:
     import deployq
     from deployq.manifest import manifest_bytes, sha256_bytes
 
-    rel = {"param": names["int8_param"], "bin": names["int8_bin"], "fp32_param": names["fp32_param"],
-           "fp32_bin": names["fp32_bin"], "table": names["table"], "scales": names["scales"]}
+    rel = {"fp32_param": names["fp32_param"], "fp32_bin": names["fp32_bin"], "scales": names["scales"]}
+    if int8 is not None:
+        rel.update(param=names["int8_param"], bin=names["int8_bin"], table=names["table"])
     if "qnet_params" in contents:
         rel["qnet"] = names["qnet_params"].removesuffix(".params")
     else:
@@ -166,11 +181,14 @@ def _manifest(contents: dict[str, bytes], names: dict[str, str], int8: NcnnModel
     extra = {"preprocess": {**preprocess.to_dict(), "ncnn": preprocess.ncnn()}} if preprocess is not None else {}
     if renamed:
         extra["safe_names"] = renamed  # original -> name in the .param/.table files (exporters.ir.safenames)
-    blobs, info = layer_outputs(int8, gq)
+    if int8 is None:
+        blobs, info, outs = {}, {}, output_blobs(lower(gq, int8=False))
+        extra["int8_refused"] = int8_refused
+    else:
+        (blobs, info), outs = layer_outputs(int8, gq), output_blobs(int8)
     sha = sha256_bytes({names[k]: v for k, v in contents.items() if k != MANIFEST_KEY})
     return manifest_bytes("ncnn", model, input_shape, rel, blobs, f"deployq {deployq.__version__} export-ncnn "
-                          f"({route})", sha, profile=profile or "ncnn", outputs=output_blobs(int8),
-                          layer_outputs=info, **extra)
+                          f"({route})", sha, profile=profile or "ncnn", outputs=outs, layer_outputs=info, **extra)
 
 
 def write_all(contents: dict[str, bytes], out_dir: str | Path, names: dict[str, str]) -> dict[str, Path]:
@@ -225,13 +243,13 @@ def export_qnet(qnet: Any, out_dir: str | Path, name: str = "model",
     from deployq import export_scales
 
     g, gq, renamed = _safe_graphs(*qnet_graphs(qnet, name, input_shape))
-    contents, int8 = render(g, gq, export_scales(qnet, model_name or name))
+    contents, int8, refused = render(g, gq, export_scales(qnet, model_name or name))
     contents.update(_qnet_bytes(qnet, model_name or name, input_shape, preprocess))
     names = _names(name, [*contents, "usage", MANIFEST_KEY])
     _usage(contents, names, preprocess)
     profile = getattr(qnet, "_deployq", {}).get("profile")
     contents[MANIFEST_KEY] = _manifest(contents, names, int8, gq, model_name or name, input_shape, profile,
-                                       "quantized net", preprocess, renamed)
+                                       "quantized net", preprocess, renamed, refused)
     return write_all(contents, out_dir, names)
 
 
@@ -246,11 +264,11 @@ def export_files(symbol: str | Path, params: str | Path, scales_path: str | Path
     g, gq = file_graphs(symbol, params, scales, str(scales_path), input_shape)
     _report_fp32(g, gq, str(scales_path))
     g, gq, renamed = _safe_graphs(g, gq)
-    contents, int8 = render(g, gq, scales)
+    contents, int8, refused = render(g, gq, scales)
     contents["symbol"], contents["params"] = Path(symbol).read_bytes(), Path(params).read_bytes()
     names = _names(name, [*contents, "usage", MANIFEST_KEY])
     _usage(contents, names, preprocess)
     model = (scales.get("model") or {}).get("name") or name
     contents[MANIFEST_KEY] = _manifest(contents, names, int8, gq, model, input_shape, "ncnn",
-                                       "json/params + scale file", preprocess, renamed)
+                                       "json/params + scale file", preprocess, renamed, refused)
     return write_all(contents, out_dir, names)

@@ -177,10 +177,26 @@ def test_per_tensor_grouped_conv_exports_one_multiplier(tmp_path):
     _check_ncnn(net, files, x)
 
 
-def test_per_channel_grouped_conv_is_refused_naming_the_layer(tmp_path, capsys):
+def test_per_channel_grouped_conv_refused_in_int8_still_writes_the_fp32_model(tmp_path, capsys):
+    """A grouped conv forced per channel cannot be written in ncnn's int8 (one weight scale per group): the int8
+    model, table and Caffe pair are left out with a warning naming the layer; the fp32 model is written and
+    runs in ncnn's runtime as the fp32 net; verify says why there is no int8 model (exit 3)."""
+    from deployq.exporters.ncnn.export import Int8SkippedWarning
+
     net, x = _net(), _images()
     deployq.quantize(net, _grouped_config("per_channel_symmetric"), profile="ncnn")
     minmax_calibrate(net, x)
-    with pytest.raises(ValueError, match=r"layer '3' \(Convolution, 4 groups\).*one weight scale per group"):
-        export_qnet(net, tmp_path / "e", "c", SHAPE)
-    assert not (tmp_path / "e").exists()  # nothing half-written
+    with pytest.warns(Int8SkippedWarning, match=r"layer '3' \(Convolution, 4 groups\).*one weight scale per group"):
+        files = export_qnet(net, tmp_path / "e", "c", SHAPE)
+    assert {"fp32_param", "fp32_bin", "scales"} <= set(files)
+    assert not {"int8_param", "int8_bin", "table", "prototxt"} & set(files)
+    assert not list((tmp_path / "e").glob("*-int8.*")) and not list((tmp_path / "e").glob("*.table"))
+    man = json.loads(files["manifest"].read_text())
+    assert "one weight scale per group" in man["int8_refused"] and "param" not in man["files"]
+    with deployq.float_mode(net):
+        want = net(mx.nd.array(x[:8])).asnumpy()
+    got = run(files["fp32_param"], files["fp32_bin"], x[:8])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    capsys.readouterr()
+    assert _cli("verify", tmp_path / "e", "--engine", "ncnn", "--data", "none") == 3
+    assert "has no int8 model" in capsys.readouterr().err
