@@ -117,12 +117,24 @@ def check_engine(man: dict[str, Any], engine: str, where: str | Path) -> None:
                      f"(files: {', '.join(missing)}){hint}")
 
 
-def tengine_runtime() -> tuple[Any, str]:
+def tengine_runtime(kernels: str = "x86") -> tuple[Any, str]:
     """(Tengine's tools, what runs) when ``TENGINE_CONVERT_TOOL``/``TENGINE_QUANT_TOOL``/``TENGINE_LIB`` name
-    them (``../shared/engines/build.sh`` prints them), else (None, deployq's NumPy model and why)."""
+    them (``../shared/engines/build.sh`` prints them), else (None, deployq's NumPy model and why). ``kernels``
+    ``arm64``: ((tools, qemu + aarch64 runner), what runs) when ``TENGINE_ARM_RUNNER`` and qemu-aarch64 are
+    found too (``tests/engines/arm/build.sh``), else (None, deployq's NumPy model of the aarch64 kernels)."""
     from deployq.exporters.tengine.runtime import find_tools
 
     tools, why = find_tools()
+    if kernels == "arm64":
+        from deployq.exporters.tengine.arm64 import find_arm_runner
+
+        cmd, why_arm = find_arm_runner()
+        if tools is not None and cmd is not None:
+            return (tools, cmd), (f"Tengine's aarch64 runtime under qemu-user ({cmd[-1]}; int8 tmfile from the x86 "
+                                  "convert_tool + quant_tool_int8 -f with the export's table)")
+        return None, ("deployq's NumPy model of Tengine's aarch64 int8 kernels (exporters/tengine/arm64.py), the "
+                      "simulation itself: only the export files are checked (the emulated aarch64 runtime not found: "
+                      f"{why_arm or why})")
     if tools is not None:
         return tools, (f"Tengine's runtime ({tools.lib}; int8 tmfile from convert_tool + quant_tool_int8 -f with "
                        "the export's table)")
@@ -130,15 +142,21 @@ def tengine_runtime() -> tuple[Any, str]:
 
 
 @runner("tengine")
-def run_tengine(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def run_tengine(man: dict[str, Any], x: np.ndarray, layers: list[str], kernels: str | None = None
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The export in Tengine's own runtime when its tools are found (:func:`tengine_runtime`): convert_tool,
     quant_tool_int8 with the export's scale table, one batch-1 run per image; else deployq's NumPy model of
-    Tengine's x86 kernels (``exporters/tengine/reference.py``, tengine-int8.md §3.4/§5)."""
+    Tengine's x86 kernels (``exporters/tengine/reference.py``, tengine-int8.md §3.4/§5). ``kernels`` (default:
+    the manifest's ``kernels``, else x86) ``arm64``: Tengine's aarch64 build under qemu, else the NumPy model of
+    its kernels (``exporters/tengine/arm64.py``)."""
     import tempfile
 
     from deployq.exporters.tengine.reference import TengineReference
 
     p, shape = man["paths"], tuple(man["input"]["shape"])
+    family = kernels or man.get("kernels") or "x86"
+    if family == "arm64":
+        return _run_tengine_arm64(man, x), {}
     tools, _ = tengine_runtime()
     if tools is None:
         return TengineReference(p["symbol"], p["params"], p["table"], shape)(x), {}
@@ -155,9 +173,37 @@ def run_tengine(man: dict[str, Any], x: np.ndarray, layers: list[str]) -> tuple[
     return codes.reshape(len(x), -1).astype(np.float32) * step, {}
 
 
-def tengine_reference(man: dict[str, Any], x: np.ndarray) -> Reference:
+def _run_tengine_arm64(man: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """:func:`run_tengine` for the arm64 kernel family: the emulated aarch64 runtime or the NumPy model; an
+    export with a layer that build miscomputes or crashes on is refused first."""
+    import tempfile
+
+    from deployq.exporters.tengine.arm64 import Arm64TengineReference, arm64_problems, run_arm_runner
+    from deployq.exporters.tengine.runtime import TengineRuntimeError, build_int8_tmfile
+
+    p, where = man["paths"], Path(man["paths"]["symbol"]).parent
+    model = Arm64TengineReference(p["symbol"], p["params"], p["table"], tuple(man["input"]["shape"]))
+    bad = arm64_problems(model.graph)
+    if bad:
+        raise ValueError(f"{where}: Tengine's aarch64 build cannot run layer {bad[0][0]!r}: {bad[0][1]}")
+    found, _ = tengine_runtime("arm64")
+    if found is None:
+        return model(x)
+    tools, cmd = found
+    try:
+        with tempfile.TemporaryDirectory(prefix="deployq-verify-") as tmp:
+            tm = build_int8_tmfile(where, Path(tmp) / "model-int8.tmfile", tools)
+            codes, step = run_arm_runner(cmd, tm, x)
+    except (TengineRuntimeError, RuntimeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    return codes.reshape(len(x), -1).astype(np.float32) * np.float32(step)
+
+
+def tengine_reference(man: dict[str, Any], x: np.ndarray, kernels: str = "x86") -> Reference:
     """The simulation of a Tengine export: its files re-lowered with its own scale file (every tensor's step; the
-    re-export is byte-identical) and run on MXNet ops with fake-quantized tensors (``tengine.simulate``)."""
+    re-export is byte-identical) and run on MXNet ops with fake-quantized tensors (``tengine.simulate``). For the
+    ``arm64`` kernel family, whose fixed-point requantization has no MXNet form: deployq's NumPy model of those
+    kernels on the export files (``exporters/tengine/arm64.py``)."""
     import warnings
 
     from deployq.exporters.ir.annotate import annotate, graph_fingerprint, load_scale_file
@@ -174,6 +220,12 @@ def tengine_reference(man: dict[str, Any], x: np.ndarray) -> Reference:
     step = {r.tensor: r.step for r in exp.scales}
     out_step = step.get(exp.tensor_map.get(exp.graph.outputs[0], ""), 1.0)
     f32, _ = _graph_layers(g, x, [])
+    if kernels == "arm64":
+        from deployq.exporters.tengine.arm64 import Arm64TengineReference
+
+        model = Arm64TengineReference(p["symbol"], p["params"], p["table"], tuple(man["input"]["shape"]))
+        return Reference(model(x), {}, f32, {}, float(out_step),
+                         "NumPy model of Tengine's aarch64 kernels (exporters/tengine/arm64.py) on the export files")
     return Reference(simulate(exp, x), {}, f32, {}, float(out_step), "Tengine export files + their scale file")
 
 
@@ -448,7 +500,7 @@ def reference(man: dict[str, Any], x: np.ndarray, layers: list[str], where: str 
 
 def verify(export_dir: str | Path, engine: str | None = None, data: str | None = "builtin", limit: int | None = 1000,
            thresholds: Thresholds = Thresholds(), layers: bool = True, skip_bad: bool = False, quiet: bool = True,
-           **runner_kw: Any) -> dict[str, Any]:
+           kernels: str | None = None, **runner_kw: Any) -> dict[str, Any]:
     """Run the export and compare; returns a JSON-able report with ``passed`` and ``breaches``.
 
     Per layer, the runtime's layer output is compared with the simulation's and fp32's. For ncnn, whose blobs
@@ -461,10 +513,17 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str | None =
     if engine not in RUNNERS:
         raise ValueError(f"unknown engine {engine!r}; supported: {', '.join(RUNNERS)}")
     check_engine(man, engine, export_dir)
+    if kernels is not None and engine != "tengine":
+        raise ValueError(f"kernels {kernels!r}: a kernel family is a Tengine option (--engine tengine)")
+    if engine == "tengine":
+        from deployq.exporters.tengine.kernels import check_family
+
+        kernels = check_family(kernels or man.get("kernels") or "x86")
+        runner_kw["kernels"] = kernels
     shape = tuple(man["input"]["shape"])
     x, y = load_data(data, shape, limit, export_preprocess(man), skip_bad, quiet)
     names = [k for k in man.get("layers", {})] if layers and engine != "tengine" else []
-    ref = tengine_reference(man, x) if engine == "tengine" else reference(man, x, names, export_dir)
+    ref = tengine_reference(man, x, kernels) if engine == "tengine" else reference(man, x, names, export_dir)
     sim, f32 = ref.sim, ref.fp32
     out, out_l = RUNNERS[engine](man, x, names, **runner_kw)
     out = out.reshape(sim.shape)
@@ -484,13 +543,17 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str | None =
     rep: dict[str, Any] = {
         "engine": engine, "export_dir": str(export_dir), "model": man.get("model"), "images": int(len(x)),
         "reference": ref.source, "output_step": step,
-        **({"runtime": tengine_runtime()[1]} if engine == "tengine" else {}),
+        **({"kernels": kernels, "runtime": tengine_runtime(kernels)[1]} if engine == "tengine" else {}),
         "agreement_sim": float((out.argmax(1) == sim.argmax(1)).mean()),
         "agreement_sim_ties": float(agree_ties.mean()), "near_ties": int((agree_ties & ~agree).sum()),
         "agreement_fp32": float((out.argmax(1) == f32.argmax(1)).mean()),
         "max_error_steps": float(err.max()), "mean_error_steps": float(err.mean()),
         "sqnr_fp32_db": sqnr_db(f32, out),
     }
+    if engine == "tengine" and kernels == "arm64":  # how far the aarch64 kernels are from the x86 simulation
+        d = np.rint(np.abs(out - tengine_reference(man, x).sim.reshape(out.shape)) / step)
+        rep["vs_x86_simulation"] = {"identical_images": float((d.reshape(len(x), -1).max(1) == 0).mean()),
+                                    "max_codes": int(d.max())}
     if y is not None:
         rep["accuracy"] = {"runtime": float((out.argmax(1) == y).mean()), "sim": float((sim.argmax(1) == y).mean()),
                            "fp32": float((f32.argmax(1) == y).mean())}
@@ -525,12 +588,17 @@ def verify(export_dir: str | Path, engine: str | None = None, data: str | None =
 def format_report(rep: dict[str, Any]) -> str:
     lines = [f"{rep['engine']} vs simulation on {rep['images']} images ({rep['model']}; simulation from the "
              f"{rep.get('reference', 'saved quantized net')}):",
-             *([f"  runtime: {rep['runtime']}"] if rep.get("runtime") else []),
+             *([f"  runtime{' (' + rep['kernels'] + ' kernels)' if rep.get('kernels') else ''}: {rep['runtime']}"]
+               if rep.get("runtime") else []),
              f"  top-1 agreement {rep['agreement_sim']:.4f} (vs fp32 {rep['agreement_fp32']:.4f})"
              + (f"; {rep['near_ties']} near-tie(s) within the error bound: {rep['agreement_sim_ties']:.4f}"
                 if rep.get("near_ties") else ""),
              f"  output error: max {rep['max_error_steps']:.3f}, mean {rep['mean_error_steps']:.4f} steps "
              f"(step {rep['output_step']:.4g}: one input step on every input of the last layer)"]
+    if "vs_x86_simulation" in rep:
+        v = rep["vs_x86_simulation"]
+        lines.append(f"  vs the x86 kernels' simulation: {v['identical_images']:.4f} of images identical, max "
+                     f"{v['max_codes']} output codes")
     if "accuracy" in rep:
         a = rep["accuracy"]
         lines.append(f"  accuracy: runtime {a['runtime']:.4f}, sim {a['sim']:.4f}, fp32 {a['fp32']:.4f}")

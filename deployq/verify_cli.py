@@ -16,6 +16,10 @@ def register(subparsers) -> None:
     p.add_argument("export_dir")
     p.add_argument("--engine", choices=("onnxruntime", "ncnn", "mxnet", "tengine"), default=None,
                    help="runtime (default: the manifest's engine)")
+    p.add_argument("--kernels", choices=("x86", "arm64"), default=None,
+                   help="--engine tengine: the Tengine build to run (default: the export's, else x86); arm64 runs "
+                        "Tengine's aarch64 build under qemu when TENGINE_ARM_RUNNER is set, else deployq's NumPy "
+                        "model of its kernels")
     p.add_argument("--data", default=None,
                    help="images: a folder (class subfolders = labelled: accuracy too), an .npz of preprocessed "
                         "NxCxHxW 'x' (+ 'y'), or builtin (MNIST-5k test; the default for the built-in models). "
@@ -46,7 +50,7 @@ def run_verify(args: argparse.Namespace) -> int:
         if man.get("model") in ("mobilenet0.25", "resnet20") or not man.get("preprocess"):
             data = "builtin"
     rep = verify(args.export_dir, args.engine, data, args.limit or None, t, layers=not args.no_layers,
-                 skip_bad=args.skip_bad_images, quiet=args.json)
+                 skip_bad=args.skip_bad_images, quiet=args.json, kernels=args.kernels)
     if args.json:
         json.dump(rep, sys.stdout, indent=2, default=float)
         print()

@@ -12,13 +12,15 @@ from deployq.exporters.ir.annotate import annotate, graph_fingerprint, load_scal
 from deployq.exporters.ir.frontend import from_files, from_gluon
 from deployq.exporters.ir.graph import Graph
 from deployq.exporters.ir.passes import optimize
-from deployq.exporters.tengine.lower import lower_model, refuse_mixed_precision
+from deployq.exporters.tengine.kernels import FAMILIES, kernel_family
+from deployq.exporters.tengine.lower import TengineExportError, lower_model, refuse_mixed_precision
 from deployq.exporters.tengine.writer import write
 
 from deployq import preprocess
 from deployq.errors import DeployqError, UsageError
 from deployq.images import add_data_arguments
 from deployq.modelargs import add_model_arguments
+from deployq.profiles import Profile, load_profile
 
 CALIB_BATCH = 128
 
@@ -36,9 +38,13 @@ def calibration_images(n: int) -> list[np.ndarray]:
 
 def export_tengine(graph: Graph, out_dir: str | Path, name: str | None = None,
                    calib: list[np.ndarray] | None = None, scales: dict | None = None,
-                   scales_where: str = "scale file", preprocess=None) -> tuple[list[Path], list[str]]:
+                   scales_where: str = "scale file", preprocess=None, profile: Profile | str = "tengine"
+                   ) -> tuple[list[Path], list[str]]:
     """Annotate ``graph`` with ``scales`` (they win), calibrate the other tensors on ``calib``, lower and
-    write. Returns the written paths and the warnings."""
+    write. Returns the written paths and the warnings. ``profile``'s kernel family (``extra["kernels"]``) is
+    recorded in the manifest; for ``arm64`` a layer Tengine's aarch64 build miscomputes or crashes on
+    (:func:`~deployq.exporters.tengine.arm64.arm64_problems`) is refused before anything is written."""
+    family = kernel_family(load_profile(profile))
     if scales is not None:
         layers = scales.get("layers") or {}
         refuse_mixed_precision(graph, [k for k, v in layers.items() if not v.get("quantized", True)])
@@ -49,7 +55,16 @@ def export_tengine(graph: Graph, out_dir: str | Path, name: str | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exp = lower_model(graph, calib, name=name or graph.name)
-    return write(exp, out_dir, name or graph.name, preprocess, renamed=renamed), exp.warnings
+    if family == "arm64":
+        from deployq.exporters.tengine.arm64 import arm64_problems
+
+        original = {v: k for k, v in renamed.items()}
+        bad = [(original.get(layer, layer), why) for layer, why in arm64_problems(exp.graph)]
+        if bad:
+            names = ", ".join(k for k, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
+            more = f" (and {len(bad) - 1} more: {names})" if len(bad) > 1 else ""
+            raise TengineExportError(f"--kernels arm64: layer {bad[0][0]!r}: {bad[0][1]}{more}; nothing written")
+    return write(exp, out_dir, name or graph.name, preprocess, renamed=renamed, kernels=family), exp.warnings
 
 
 def graph_from_qnet(qnet, input_shape: tuple[int, ...] = (1, 3, 32, 32), name: str = "model") -> Graph:
@@ -110,8 +125,10 @@ def run_export_tengine(args: argparse.Namespace) -> int:
         scales = load_scale_file(args.scales) if args.scales else None
         calib = _calibration(args, m, graph, scales)
         try:
+            prof = load_profile("tengine")
+            prof = prof.with_options(extra={**prof.extra, "kernels": args.kernels})
             paths, notes = export_tengine(graph, args.out, args.name or m.name, calib, scales, str(args.scales),
-                                          preprocess=m.preprocess)
+                                          preprocess=m.preprocess, profile=prof)
         except TengineExportError as e:
             if calib is None and "has no threshold" in str(e):
                 raise UsageError(f"{e}. Tengine's scale table needs every tensor's range, the "
@@ -149,6 +166,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--scales", help="deployq scale file (deployq calibrate, or a Tengine export's "
                                     "<name>.scales.json); its thresholds win over calibration")
     p.add_argument("--out", default="exports", help="output directory (default: exports)")
+    p.add_argument("--kernels", choices=FAMILIES, default="x86",
+                   help="the Tengine build the export targets (default x86): arm64 records it for deployq verify "
+                        "and refuses layers Tengine's aarch64 kernels miscompute or crash on (docs/arm.md)")
     p.add_argument("--name", help="base name of the files (default: the model name)")
     add_data_arguments(p, help_text="images to min-max calibrate the tensors the scale file leaves without a range "
                                     "(Tengine needs every tensor's): a folder or an .npz; default for the built-in "

@@ -6,7 +6,8 @@ as int32); Conv: int32 accumulate + bias, float dequant ``((float)acc * s_in) * 
 in the x86 kernels, ``acc * (s_in*s_w[c])`` in the reference kernel that grouped convs get (``kernels.py``; the
 model is of batch-1 runs, as an app runs Tengine), fused ReLU/ReLU6 in float, ``round`` half away from zero,
 clamp +-127; FC (``fc_ref.c``): ``(acc + bias) * ((s_in*s_w)/s_out)``; pooling (``pooling_kernel_ref_int8.c``),
-eltwise, concat, flatten and standalone activations as listed there.
+eltwise, concat, flatten and standalone activations as listed there; Reshape, nearest UpSampling and elemwise_mul
+in ``shape_ops.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from deployq.exporters.ir.frontend import from_files
 from deployq.exporters.ir.graph import Graph, GraphError, Node
 from deployq.exporters.tengine.kernels import conv_kernel, two_step_dequant
 from deployq.exporters.tengine.lower import QMAX, round_half_away, weight_codes, weight_steps
+from deployq.exporters.tengine.shape_ops import REFERENCE
 from numpy.lib.stride_tricks import sliding_window_view
 
 F32 = np.float32
@@ -100,8 +102,8 @@ def _float_act(n: Node, v: np.ndarray) -> np.ndarray:
     a = n.attrs
     if n.op == "Activation" and a["act_type"] == "relu":
         return np.maximum(v, 0)
-    if n.op == "Activation" and a["act_type"] == "sigmoid":
-        return 1 / (1 + np.exp(-v))
+    if n.op == "Activation" and a["act_type"] == "sigmoid":  # sigmoid_ref.c: max(x, -30), double exp, to float
+        return (1 / (1 + np.exp(-np.maximum(v, F32(-30)).astype(np.float64)))).astype(F32)
     if n.op == "Activation" and a["act_type"] == "tanh":
         return np.tanh(v)
     if n.op == "LeakyReLU":
@@ -150,6 +152,18 @@ class TengineReference:
             np.where(s_b == 0, 0, round_half_away(b / np.where(s_b == 0, F32(1), s_b))).astype(np.int64)
         return q, s_w, qb
 
+    def _conv_requant(self, n: Node, acc: np.ndarray, s_in: float, s_w: np.ndarray, s_out: float,
+                      in_channels: int) -> np.ndarray:
+        """int8 codes of a convolution's int32 accumulators ``acc`` (N, C, H, W, bias added), fused activation
+        included; the one step a kernel family overrides (``arm64.py``)."""
+        if two_step_dequant(conv_kernel(n.attrs, in_channels, acc.shape[1])):  # x86 kernels (spec §5)
+            v = (acc.astype(F32) * F32(s_in)) * s_w[None, :, None, None]
+        else:  # conv_kernel_ref_int8.c: one precomputed factor
+            v = acc.astype(F32) * (F32(s_in) * s_w)[None, :, None, None]
+        if n.name in self.fused:
+            v = _float_act(self.fused[n.name], v)
+        return _requant(v, s_out)
+
     def run_int8(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """int8 codes of every computed IR tensor (fused activations: on the activation's tensor)."""
         g = self.graph
@@ -166,13 +180,7 @@ class TengineReference:
             if n.op == "Convolution":
                 q, s_w, qb = self._weights(n, s_ins[0])
                 acc = _conv_acc(ins[0], q, a) + qb[None, :, None, None]
-                if two_step_dequant(conv_kernel(a, ins[0].shape[1], q.shape[0])):  # x86 kernels (spec §5)
-                    v = (acc.astype(F32) * F32(s_ins[0])) * s_w[None, :, None, None]
-                else:  # conv_kernel_ref_int8.c: one precomputed factor
-                    v = acc.astype(F32) * (F32(s_ins[0]) * s_w)[None, :, None, None]
-                if n.name in self.fused:
-                    v = _float_act(self.fused[n.name], v)
-                out = _requant(v, s_out)
+                out = self._conv_requant(n, acc, s_ins[0], s_w, s_out, ins[0].shape[1])
             elif n.op == "FullyConnected":
                 q, s_w, qb = self._weights(n, s_ins[0])
                 xin = ins[0].reshape(ins[0].shape[0], -1).astype(np.float64)
@@ -190,6 +198,8 @@ class TengineReference:
                     r = np.where(r < -QMAX, QMAX, np.minimum(r, QMAX))  # Tengine's bug: < -127 -> +127
                     parts.append(r.astype(np.int8))
                 out = np.concatenate(parts, axis=a["dim"])
+            elif n.op in REFERENCE:  # shape_ops.py
+                out = REFERENCE[n.op](n, ins, s_ins, s_out)
             elif n.op == "Flatten":
                 if s_ins[0] != s_out:
                     raise GraphError(f"tengine reference: Flatten {n.name!r} copies bytes but its input step "

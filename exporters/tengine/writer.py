@@ -57,12 +57,13 @@ def scale_file_dict(exp: TengineExport) -> dict:
 
 
 def write(exp: TengineExport, out_dir: str | Path, name: str | None = None, preprocess: Any = None,
-          renamed: dict[str, str] | None = None) -> list[Path]:
+          renamed: dict[str, str] | None = None, kernels: str = "x86") -> list[Path]:
     """Write ``<name>-symbol.json``, ``<name>-0000.params`` (legacy float32), ``<name>.scale`` (Tengine table),
     ``<name>.scales.json`` and the manifest ``deployq-export.json`` (with every file's SHA-256) as one export
     folder ``out_dir`` (:func:`deployq.atomic.export_dir`: the whole new export, or after an error the previous
     one); returns the paths of the four model files. ``renamed``: the names :func:`exporters.ir.safenames.safe_names`
-    changed (original -> safe), recorded in the manifest as ``safe_names``."""
+    changed (original -> safe), recorded in the manifest as ``safe_names``; ``kernels``: the Tengine kernel family
+    the export targets (``kernels.py``), recorded as ``kernels`` (``deployq verify`` runs that family)."""
     from deployq.atomic import export_dir, safe_stem
     from deployq.manifest import MANIFEST, manifest_bytes, sha256_folder
 
@@ -78,6 +79,7 @@ def write(exp: TengineExport, out_dir: str | Path, name: str | None = None, prep
         (tmp / names["table"]).write_text(render_scale_table(exp))
         (tmp / names["scales"]).write_text(scale_file(exp).to_json())
         extra: dict[str, Any] = {"safe_names": renamed} if renamed else {}
+        extra["kernels"] = kernels
         if preprocess is not None:  # the app code's and quant_tool_int8's preprocessing (USAGE.txt)
             from deployq.preprocess import usage_text
 

@@ -65,14 +65,8 @@ def run_arm(cmd: list[str], param: str | Path, bin_: str | Path, x: np.ndarray, 
 def run_tengine_arm(cmd: list[str], tmfile: str | Path, x: np.ndarray, cpu: str | None = None,
                     reference_kernels: bool = False) -> tuple[np.ndarray, float]:
     """int8 output codes (N, K) and the output scale of an int8 tmfile for NCHW images ``x`` from Tengine's
-    aarch64 build under qemu (input quantized as Tengine's examples do); ``reference_kernels``: Tengine's
-    portable C reference kernels (``TG_DEBUG_REF=1``) instead of the NEON/assembly ones."""
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = Path(d) / "in.raw", Path(d) / "out.raw"
-        write_images(x, src)
-        _run([*cmd, str(tmfile), str(src), str(dst)], cpu, "tengine_run",
-             {"TG_DEBUG_REF": "1"} if reference_kernels else None)
-        raw = dst.read_bytes()
-        n, k = np.frombuffer(raw[:8], "<i4")
-        scale = float(np.frombuffer(raw[8:12], "<f4")[0])
-        return np.frombuffer(raw[12:], np.int8).reshape(int(n), int(k)).copy(), scale
+    aarch64 build under qemu (:func:`deployq.exporters.tengine.arm64.run_arm_runner`); ``reference_kernels``:
+    Tengine's portable C reference kernels (``TG_DEBUG_REF=1``) instead of the NEON/assembly ones."""
+    from deployq.exporters.tengine.arm64 import run_arm_runner
+
+    return run_arm_runner(cmd, tmfile, x, cpu=cpu, reference_kernels=reference_kernels)
