@@ -82,6 +82,9 @@ def summary(results: list[dict], engine: str) -> str:
             f"clear refusals {clear}/{refused}, crashes {crashes}")
     if engine == "ncnn":
         line += f", Caffe pair written {caffe}/{conv}"
+    if engine == "tengine":  # verify --engine tengine: Tengine's runtime (when built) against the simulation
+        exact = sum(r["converted"] and r.get("max_error_steps") == 0 for r in real)
+        line += f", bit-exact {exact}/{conv}"
     return line
 
 

@@ -19,15 +19,17 @@ from deployq.exporters.ir.mxnet_lower import tensor_shapes
 from deployq.exporters.ir.passes import activation_kind, mark_fusable_activations, optimize
 from deployq.exporters.ir.ranges import tensor_ranges
 from deployq.exporters.tengine.bn_conv import batchnorm_as_depthwise
+from deployq.exporters.tengine.rewrite import LIMITS, tengine_forms
 
 from deployq.errors import InputError
 
 QMAX = 127
 #: IR ops Tengine's converter and int8 CPU kernels handle (after lowering softmax variants).
 TENGINE_OPS = ("Convolution", "FullyConnected", "Activation", "clip", "LeakyReLU", "Pooling", "Flatten",
-               "elemwise_add", "Concat", "SoftmaxActivation")
-#: Ops whose int8 kernel copies bytes or keeps the input scale: input and output get one scale (spec §3.3).
-PASS_THROUGH = ("Flatten",)
+               "elemwise_add", "Concat", "SoftmaxActivation", "Reshape", "UpSampling", "elemwise_mul")
+#: Ops whose int8 kernel copies bytes or keeps the input scale: input and output get one scale (spec §3.3);
+#: nearest UpSampling requantizes (``interp_ref.c``), but copies values, so one scale keeps them exact.
+PASS_THROUGH = ("Flatten", "Reshape", "UpSampling")
 SOFTMAX_THRESHOLD = 1.0
 
 
@@ -129,6 +131,7 @@ def check_supported(g: Graph, shapes: dict[str, tuple[int, ...]]) -> list[str]:
         if n.op not in TENGINE_OPS:
             hint = (" (BatchNorm that cannot be folded into a Conv/FC: Tengine's graph optimizer folds it "
                     "across the fan-out and has no int8 BatchNorm)") if n.op == "BatchNorm" else ""
+            hint = f" ({LIMITS[n.op]})" if n.op in LIMITS else hint
             raise TengineExportError(f"{where}: op {n.op} is not exportable to Tengine int8{hint}; "
                                      f"supported ops: {', '.join(TENGINE_OPS)}")
         if n.op == "Convolution" and any(d != 1 for d in a["dilate"]):
@@ -173,8 +176,15 @@ def check_supported(g: Graph, shapes: dict[str, tuple[int, ...]]) -> list[str]:
             raise TengineExportError(f"{where}: LeakyReLU act_type {a['act_type']}; supported: leaky")
         if n.op == "Concat" and a["dim"] != 1:
             raise TengineExportError(f"{where}: Concat along dim {a['dim']}; supported: dim 1 (channels)")
-        if n.op == "elemwise_add" and len({shapes[t] for t in n.inputs}) != 1:
+        if n.op in ("elemwise_add", "elemwise_mul") and len({shapes[t] for t in n.inputs}) != 1:
             raise TengineExportError(f"{where}: inputs of different shapes")
+        if n.op == "Reshape" and (a["reverse"] or a["shape"][:1] != (0,)):
+            raise TengineExportError(f"{where}: Reshape {a['shape']} (reverse={a['reverse']}) mixes the batch "
+                                     "axis; Tengine's int8 Reshape is written only as (0, ...) per image")
+        if n.op == "UpSampling" and (a["sample_type"] != "nearest" or len(n.inputs) != 1):
+            raise TengineExportError(f"{where}: UpSampling {a['sample_type']} with {len(n.inputs)} input(s); "
+                                     "Tengine's converter maps UpSampling to Interp, written for nearest with one "
+                                     "input only (MXNet's bilinear UpSampling is a deconvolution with a weight)")
     return notes
 
 
@@ -307,7 +317,7 @@ def refuse_mixed_precision(g: Graph, fp32_layers: Iterable[str] = ()) -> None:
     without weight or input quantization), or when ``fp32_layers`` (a scale file's unquantized layers) is
     not empty: Tengine would quantize them anyway."""
     weighted = [n for n in g.nodes if n.op in ("Convolution", "FullyConnected")
-                and not n.attrs.get("from_batchnorm")]  # a BatchNorm as a depthwise conv: quantized at export
+                and not n.attrs.get("from_batchnorm") and not n.attrs.get("lowered_from")]  # deployq's own convs
     fp32 = list(fp32_layers)
     if any("quant_layer" in n.attrs for n in g.nodes):
         fp32 += [n.name for n in weighted if n.attrs.get("wq") is None or n.attrs.get("iq") is None]
@@ -325,7 +335,7 @@ def prepare(graph: Graph, codes: dict[str, np.ndarray] | None = None) -> Graph:
     nodes (``attrs['wq']``); a quantized layer's input threshold (``attrs['iq']``) becomes its input tensor's
     annotation, winning over calibration.
     """
-    g = mark_fusable_activations(batchnorm_as_depthwise(optimize(graph)))
+    g = mark_fusable_activations(tengine_forms(batchnorm_as_depthwise(optimize(graph))))
     _rewrite_softmax(g, tensor_shapes(g))
     _rename_dropped_params(g)
     codes = dict(codes or {})

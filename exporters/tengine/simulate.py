@@ -7,6 +7,8 @@ float32 products, as Tengine's x86 kernels compute; ``acc * (s_in * s_w[c])`` wh
 ``kernels.py``; a fused ReLU/ReLU6 follows in float, then the output is
 requantized) and FC ``round(acc * (s_in * s_w / s_out))``. Pooling works on codes as Tengine's int8 kernel
 does (max: ``max_q * (s_in / s_out)``; avg: ``sum_q * s_in / n``). Weights are already on the per-channel grid.
+Reshape, nearest UpSampling and elemwise_mul (``shape_ops.py``) need no hook: Tengine dequantizes, copies or
+multiplies in float32 and requantizes, the same float operations as MXNet on fake-quantized tensors.
 """
 
 from __future__ import annotations

@@ -78,8 +78,6 @@ def _seq(*layers, shape=(1, 3, 16, 16)):
 
 @pytest.mark.parametrize("layers,msg", [
     (lambda: [nn.Conv2D(4, 3, dilation=2, in_channels=3)], r"layer '0' \(Convolution\): dilation \(2, 2\)"),
-    (lambda: [nn.Conv2D(4, 3, in_channels=3), nn.AvgPool2D(3, 1, padding=1)],
-     r"layer '1' \(Pooling\): padded average pooling with count_include_pad=True"),
     (lambda: [nn.Conv2D(4, 3, in_channels=3), nn.Dense(1)],
      r"layer '1' \(FullyConnected\): one output channel"),
 ])
@@ -127,15 +125,12 @@ def test_unfoldable_batchnorm_becomes_a_depthwise_conv(tmp_path):
     assert np.abs(simulate(exp, X) - ref(X)).max() <= step * (1 + 1e-4)
 
 
-@pytest.mark.parametrize("kind,msg", [
-    ("mul", r"op broadcast_mul is not exportable to Tengine int8"),
-])
-def test_refuses_graph_patterns(kind, msg):
-    net = _Custom(kind)
+def test_equal_shape_broadcast_mul_is_elemwise_mul():
+    """broadcast_mul of equal shapes -> elemwise_mul (Eltwise PROD, int8); other cases: test_tengine_shape_ops.py."""
+    net = _Custom("mul")
     net.initialize()
-    g = from_gluon(net, (1, 3, 16, 16))
-    with pytest.raises(tengine.TengineExportError, match=msg):
-        tengine.lower_model(g, [X])
+    exp = tengine.lower_model(from_gluon(net, (1, 3, 16, 16)), [X])
+    assert [n.op for n in exp.graph.nodes][-1] == "elemwise_mul"
 
 
 def test_standalone_relu6_refused():

@@ -21,15 +21,8 @@ FULL = os.environ.get("DEPLOYQ_ZOO") == "all"
 #: (family, engine) -> a fragment of the refusal message expected today (the IR/exporters lack that op);
 #: measured with benchmarks/zoo_coverage.py
 KNOWN_REFUSALS: dict[tuple[str, str], str] = {
-    **{(f, "tengine"): "(Reshape)" for f in ("resnest14", "se_resnet18_v1", "se_resnet18_v2")},
-    **{(f, "tengine"): "(broadcast_mul)" for f in ("se_resnext50_32x4d", "senet_154")},
-    **{(f, "tengine"): "count_include_pad" for f in ("shufflenet_v1", "inceptionv3")},
     **{(f, "tengine"): "(_contrib_BilinearResize2D)" for f in ("cifar_residualattentionnet56",
                                                                "residualattentionnet56")},
-    ("shufflenet_v2", "tengine"): "(ShuffleChannel)",
-    ("mobilenetv3_small", "tengine"): "(HardSwish)",
-    ("hrnet_w18_small_v1_c", "tengine"): "(UpSampling)",
-    ("nasnet_4_1056", "tengine"): "(Pad)",
 }
 
 
