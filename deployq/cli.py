@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         cmd = f"deployq {args.command}"
-        return int(args.func(args) or 0)
+        import warnings
+
+        with warnings.catch_warnings():  # MXNet's type-inference notice on partly traced nets: noise to a user
+            warnings.filterwarnings("ignore", "Cannot decide type for the following arguments", UserWarning)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{cmd}: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
