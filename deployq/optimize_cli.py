@@ -1,7 +1,8 @@
 """``deployq optimize --target-drop X``: the cheapest post-training pipeline that meets an accuracy drop
-(``deployq.calib.ptq.pipeline``: calibrators, CLE + bias correction, AdaRound, AdaRound + QDrop, fp32
-fallback), scored on validation images; prints what each step bought and saves the chosen quantized net
-(``deployq.save``). Exit 0 when the target is met, 4 when not (the best net is still written)."""
+(``deployq.calib.ptq.pipeline``: calibrators, CLE + bias correction, AdaRound, AdaRound + QDrop, block
+reconstruction (BRECQ + QDrop), fp32 fallback), scored on validation images; prints what each step bought and
+saves the chosen quantized net (``deployq.save``). Exit 0 when the target is met, 4 when not (the best net is
+still written)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 
 from . import preprocess
 
-_STEP_HELP = "comma-separated subset of: calibrate, cle+bc, adaround, adaround+qdrop, fallback (default: all)"
+_STEP_HELP = ("comma-separated subset of: calibrate, cle+bc, adaround, adaround+qdrop, brecq, fallback "
+              "(default: all)")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -21,8 +23,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "optimize", help="cheapest PTQ pipeline meeting a target accuracy drop -> quantized net",
         description="Try post-training pipelines cheapest first (calibration methods, cross-layer equalization + "
-                    "bias correction, AdaRound, AdaRound + QDrop, fp32 fallback of the most sensitive layers), "
-                    "score each on the validation images in deployq's simulation of the engine, stop at the "
+                    "bias correction, AdaRound, AdaRound + QDrop, block reconstruction with QDrop, fp32 fallback of "
+                    "the most sensitive layers), score each on the validation images in deployq's simulation of "
+                    "the engine, stop at the "
                     "first whose accuracy drop is at most --target-drop, and save that quantized net.")
     add_model_arguments(p, qnet=False)
     add_data_arguments(p, help_text="validation images with labels (class subfolders or an .npz with 'y'); "
@@ -40,7 +43,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", default=None, help=_STEP_HELP)
     p.add_argument("--adaround-iters", type=int, default=1000, help="AdaRound iterations per layer")
     p.add_argument("--adaround-batch", type=int, default=32, help="AdaRound batch size")
-    p.add_argument("--qdrop", type=float, default=0.5, help="QDrop probability of the adaround+qdrop step")
+    p.add_argument("--qdrop", type=float, default=0.5, help="QDrop probability of the adaround+qdrop and brecq "
+                                                            "steps")
+    p.add_argument("--brecq-iters", type=int, default=None, help="block reconstruction iterations per block "
+                                                                "(default: --adaround-iters)")
+    p.add_argument("--block-layers", type=int, default=4, help="brecq: at most this many layers of a plain chain "
+                                                               "per block")
     p.add_argument("--max-fp32-layers", type=int, default=4, help="fallback: at most this many fp32 layers")
     p.add_argument("-o", "--out", required=True, help="saved net: <OUT>.params + <OUT>.deployq.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no step lines")
@@ -73,12 +81,15 @@ def _config(path: str | None) -> list | None:
 def run(args: argparse.Namespace) -> int:
     from .api import save
     from .calib.ptq.adaround import AdaRoundConfig
+    from .calib.ptq.brecq import BrecqConfig
     from .calib.ptq.pipeline import STEPS, optimize
     from .errors import EXIT_VERIFY, UsageError
     from .modelargs import load_model
     from .sensitivity import _images
 
-    for name in ("images", "calib_images", "adaround_iters", "adaround_batch"):
+    if args.brecq_iters is None:
+        args.brecq_iters = args.adaround_iters
+    for name in ("images", "calib_images", "adaround_iters", "adaround_batch", "brecq_iters", "block_layers"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if not 0 <= args.qdrop < 1:
@@ -109,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = optimize(make_net, xc, x, y, args.target_drop, prof, cfg, methods, steps,
                        AdaRoundConfig(iters=args.adaround_iters, batch_size=args.adaround_batch), args.qdrop,
-                       args.max_fp32_layers, quiet=args.quiet, on_step=line)
+                       args.max_fp32_layers, quiet=args.quiet, on_step=line,
+                       brecq_config=BrecqConfig(iters=args.brecq_iters, batch_size=args.adaround_batch,
+                                                qdrop=args.qdrop, max_block_layers=args.block_layers))
     except ValueError as e:
         raise UsageError(str(e)) from None
     params, meta = save(res.net, args.out, m.name, preprocess=m.preprocess)

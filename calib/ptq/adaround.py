@@ -18,27 +18,23 @@ every exporter round those weights to exactly the learned codes (checked after w
 
 QDrop (``qdrop > 0``): in each iteration every input element is taken, with that probability, from the fp32
 net's input to the layer instead of the simulated (quantized) one.
+
+The inputs and targets come from ``deployq.calib.ptq.recon`` (the net and its fp32 graph advanced once over
+the calibration images, layer after layer); block reconstruction (``brecq``) uses the same
+:class:`LayerRounding` for several layers at once.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import mxnet as mx
 import numpy as np
-from mxnet import autograd, gluon
-
-from deployq.progress import progress
+from mxnet import gluon
 
 from .layers import (
-    activation_of,
-    fp32_graph,
-    fp32_tensors,
-    layer_forward,
     set_folded_weight,
-    simulated_input,
     weight_codes,
     weight_grid_step,
 )
@@ -78,7 +74,8 @@ def init_v(rest: np.ndarray) -> np.ndarray:
     return (-np.log((ZETA - GAMMA) / (r - GAMMA) - 1)).astype(np.float32)
 
 
-def _beta(it: int, cfg: AdaRoundConfig) -> float | None:
+def beta_at(it: int, cfg: AdaRoundConfig) -> float | None:
+    """The regulariser's beta at iteration ``it`` (None during the warm-up)."""
     start = int(cfg.warmup * cfg.iters)
     if it < start:
         return None
@@ -87,131 +84,100 @@ def _beta(it: int, cfg: AdaRoundConfig) -> float | None:
     return lo + (hi - lo) * max(0.0, 1 - frac)
 
 
-def _output_mse(F, y, t):
+def output_mse(F, y, t):
+    """The reconstruction loss: squared error summed over the output, averaged over the batch."""
     return F.mean(F.sum(F.reshape(F.square(y - t), (0, -1)), axis=1))
 
 
-def round_layer(blk: Any, node: Any, xq: np.ndarray, target: np.ndarray, x_fp: np.ndarray | None,
-                cfg: AdaRoundConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """Learn the rounding of one layer and write it (see the module docstring); returns the layer's output
-    MSE with nearest rounding and with the learned one (on its calibration inputs) and the codes."""
-    wf, s, qmin, qmax = weight_grid_step(blk)
-    _, bf = blk.folded_weight_bias()
-    shape = wf.shape
-    safe = np.where(s > 0, s, 1).astype(np.float32)
-    ws = wf / safe
-    nearest = np.clip(np.round(ws), qmin, qmax)
-    fl = np.floor(ws)
-    fixed = (np.abs(nearest) >= qmax) | np.broadcast_to(s == 0, shape)  # the unit's max |W| fixes the step
-    act = activation_of(node)
-    s_nd, fl_nd, b_nd = mx.nd.array(np.broadcast_to(s, shape)), mx.nd.array(fl), mx.nd.array(bf)
-    keep_nd, fixed_w = mx.nd.array(1.0 - fixed), mx.nd.array(np.where(fixed, nearest * s, 0).astype(np.float32))
-    lo_nd, hi_nd = mx.nd.array(np.full(shape, qmin, np.float32)), mx.nd.array(np.full(shape, qmax, np.float32))
+class LayerRounding:
+    """AdaRound's learnable rounding of one quantized layer on its own weight grid (see the module docstring):
+    ``weight()`` the soft (or hard) rounded BN-folded weight, ``penalty(beta)`` the regulariser, ``codes()`` the
+    final codes, ``write()`` stores them as the layer's weights and checks that the layer rounds them back."""
 
-    def soft_weight(v, hard: bool = False):
-        h = (v >= 0) if hard else rectified_sigmoid(mx.nd, v)
-        code = mx.nd.broadcast_minimum(mx.nd.broadcast_maximum(fl_nd + h, lo_nd), hi_nd)
-        return code * s_nd * keep_nd + fixed_w, h
+    def __init__(self, blk: Any) -> None:
+        wf, s, qmin, qmax = weight_grid_step(blk)
+        _, bf = blk.folded_weight_bias()
+        self.blk, self.shape, self.step, self.qmin, self.qmax = blk, wf.shape, s, qmin, qmax
+        ws = wf / np.where(s > 0, s, 1).astype(np.float32)
+        self.nearest = np.clip(np.round(ws), qmin, qmax)
+        self.floor = np.floor(ws)
+        # the unit's max |W| fixes the step: those weights keep their nearest code
+        self.fixed = (np.abs(self.nearest) >= qmax) | np.broadcast_to(s == 0, wf.shape)
+        shape = wf.shape
+        self._s = mx.nd.array(np.broadcast_to(s, shape))
+        self._fl = mx.nd.array(self.floor)
+        self.bias = mx.nd.array(bf)
+        self._keep = mx.nd.array(1.0 - self.fixed)
+        self._fixed_w = mx.nd.array(np.where(self.fixed, self.nearest * s, 0).astype(np.float32))
+        self._lo = mx.nd.array(np.full(shape, qmin, np.float32))
+        self._hi = mx.nd.array(np.full(shape, qmax, np.float32))
+        self.v = mx.nd.array(init_v(ws - self.floor))
+        self.v.attach_grad()
+        self._h = None
 
-    def mse(w) -> float:
-        tot = 0.0
-        for i in range(0, len(xq), 256):
-            y = layer_forward(mx.nd, node, mx.nd.array(xq[i:i + 256]), w, b_nd, act)
-            tot += float(mx.nd.sum(mx.nd.square(y - mx.nd.array(target[i:i + 256]))).asscalar())
-        return tot / len(xq)
+    def weight(self, hard: bool = False):
+        """``s * clip(floor + h(V), qmin, qmax)`` (h(V) >= 0.5 rounds up when ``hard``); fixed weights nearest."""
+        h = (self.v >= 0) if hard else rectified_sigmoid(mx.nd, self.v)
+        self._h = h
+        code = mx.nd.broadcast_minimum(mx.nd.broadcast_maximum(self._fl + h, self._lo), self._hi)
+        return code * self._s * self._keep + self._fixed_w
 
-    before = mse(mx.nd.array((nearest * s).astype(np.float32)))
-    v = mx.nd.array(init_v(ws - fl))
-    v.attach_grad()
-    m, u = mx.nd.zeros_like(v), mx.nd.zeros_like(v)
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    n = len(xq)
-    for it in range(cfg.iters):
-        idx = rng.integers(0, n, min(cfg.batch_size, n))
-        xb = xq[idx]
-        if cfg.qdrop > 0 and x_fp is not None:
-            xb = np.where(rng.random(xb.shape) < cfg.qdrop, x_fp[idx], xb)
-        xb_nd, tb = mx.nd.array(xb), mx.nd.array(target[idx])
-        beta = _beta(it, cfg)
-        with autograd.record():
-            w, h = soft_weight(v)
-            loss = _output_mse(mx.nd, layer_forward(mx.nd, node, xb_nd, w, b_nd, act), tb)
-            if beta is not None and cfg.reg > 0:
-                loss = loss + cfg.reg * mx.nd.sum((1 - mx.nd.power(mx.nd.abs(2 * h - 1), beta)) * keep_nd)
-        loss.backward()
-        gr = v.grad
-        m[:] = b1 * m + (1 - b1) * gr
-        u[:] = b2 * u + (1 - b2) * gr * gr
-        mh, uh = m / (1 - b1 ** (it + 1)), u / (1 - b2 ** (it + 1))
-        v[:] = v - cfg.lr * mh / (mx.nd.sqrt(uh) + eps)
-    w_hard, _ = soft_weight(v, hard=True)
-    after = mse(w_hard)
-    codes = np.where(fixed, nearest, np.clip(fl + (v.asnumpy() >= 0), qmin, qmax)).astype(np.int32)
-    set_folded_weight(blk, (codes * s).astype(np.float32))
-    return {"mse_nearest": before, "mse_learned": after, "codes": codes,
-            "changed": float(np.mean(codes != nearest))}
+    def nearest_weight(self):
+        return mx.nd.array((self.nearest * self.step).astype(np.float32))
 
+    def penalty(self, beta: float):
+        """``sum(1 - |2 h - 1|^beta)`` over the learnable weights, for the h of the last ``weight()``."""
+        return mx.nd.sum((1 - mx.nd.power(mx.nd.abs(2 * self._h - 1), beta)) * self._keep)
 
-#: the fp32 tensors of all layers are computed in one run when they take at most this many bytes
-FP32_CACHE_BYTES = 512 << 20
+    def codes(self) -> np.ndarray:
+        return np.where(self.fixed, self.nearest,
+                        np.clip(self.floor + (self.v.asnumpy() >= 0), self.qmin, self.qmax)).astype(np.int32)
+
+    def write(self, path: str, net: gluon.Block) -> np.ndarray:
+        """Store the learned codes as the layer's weights (``net``: the quantized net, whose cached graphs are
+        cleared); raises where the layer does not round them back."""
+        from deployq.api import _clear_cache
+
+        codes = self.codes()
+        set_folded_weight(self.blk, (codes * self.step).astype(np.float32))
+        _clear_cache(net)
+        got = weight_codes(self.blk).reshape(codes.shape)
+        if not np.array_equal(got, codes):
+            raise RuntimeError(f"layer {path}: {int(np.sum(got != codes))} weight code(s) differ from the learned "
+                               "ones after writing")
+        return codes
+
+    def changed(self) -> float:
+        return float(np.mean(self.codes() != self.nearest))
 
 
-def _fp32_cache(g: Any, x: np.ndarray, tensors: list[str]) -> dict[str, np.ndarray] | None:
-    """Every tensor of ``tensors`` over ``x`` in one run of the fp32 graph, or None when they would take more
-    than :data:`FP32_CACHE_BYTES` (then each layer runs the graph for its own)."""
-    from deployq.exporters.ir.mxnet_lower import tensor_shapes
+class Adam:
+    """Adam on a list of NDArrays with gradients (in place)."""
 
-    shapes = tensor_shapes(g, 1)
-    need = sum(int(np.prod(shapes[t])) for t in set(tensors)) * 4 * len(x)
-    return fp32_tensors(g, x, tensors) if need <= FP32_CACHE_BYTES else None
+    def __init__(self, params: list, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
+        self.params, self.lr, self.b1, self.b2, self.eps, self.t = params, lr, b1, b2, eps, 0
+        self.m = [mx.nd.zeros_like(p) for p in params]
+        self.u = [mx.nd.zeros_like(p) for p in params]
+
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.b1, self.b2
+        for p, m, u in zip(self.params, self.m, self.u, strict=True):
+            gr = p.grad
+            m[:] = b1 * m + (1 - b1) * gr
+            u[:] = b2 * u + (1 - b2) * gr * gr
+            p[:] = p - self.lr * (m / (1 - b1 ** self.t)) / (mx.nd.sqrt(u / (1 - b2 ** self.t)) + self.eps)
 
 
 def adaround(qnet: gluon.HybridBlock, x: np.ndarray, config: AdaRoundConfig | None = None,
              layers: list[str] | None = None, quiet: bool = True, reference: Any = None) -> dict[str, Any]:
     """Learn the weight rounding of every quantized layer (or ``layers``) of ``qnet`` in place, in network order,
     on calibration images ``x`` (the input ranges must be set: calibrate first). Returns per layer the output
-    MSE with nearest and learned rounding, the share of codes changed, and the seconds taken. ``reference``: the
-    fp32 graph IR to reconstruct (default: the net's float graph now; pass the one taken before an earlier pass
-    that changed the stored floats, such as bias correction)."""
-    from deployq.api import _clear_cache, quant_layers
+    MSE with nearest and learned rounding (on ``x``), the share of codes changed, and the seconds taken.
+    ``reference``: the fp32 graph IR to reconstruct (default: the net's float graph now; pass the one taken
+    before an earlier pass that changed the stored floats, such as bias correction). The activations are
+    computed once, layer after layer (``deployq.calib.ptq.recon``)."""
+    from .recon import layer_units, reconstruct
 
-    cfg = config or AdaRoundConfig()
-    rng = np.random.default_rng(cfg.seed)
-    x = np.asarray(x, np.float32)
-    g = reference if reference is not None else fp32_graph(qnet, x.shape[1:])
-    q = quant_layers(qnet)
-    todo = [p for p in q if (layers is None or p in layers) and q[p].layer_config.weight is not None]
-    report: dict[str, Any] = {"config": asdict(cfg), "images": int(len(x)), "layers": {}}
-    t0 = time.perf_counter()
-    bar = progress(total=len(todo), desc="adaround" + (" + qdrop" if cfg.qdrop else ""), disable=quiet)
-    wants = {}
-    for path in todo:
-        node = g.node(path)
-        wants[path] = [node.inputs[0], node.output]
-        if activation_of(node) is not None:
-            wants[path].append(g.consumers(node.output)[0].output)
-    cache = _fp32_cache(g, x, [t for w in wants.values() for t in w])
-    for path in todo:
-        blk, node = q[path], g.node(path)
-        want = wants[path]
-        fp = cache if cache is not None else fp32_tensors(g, x, want)
-        target = fp[want[-1]]
-        x_fp = None
-        if cfg.qdrop > 0:
-            x_fp = fp[node.inputs[0]]
-            if blk.layer_config.input_relu:
-                x_fp = np.maximum(x_fp, 0)
-        xq = simulated_input(qnet, path, x)
-        t1 = time.perf_counter()
-        r = round_layer(blk, node, xq, target, x_fp, cfg, rng)
-        _clear_cache(qnet)
-        got = weight_codes(blk)
-        if not np.array_equal(got.reshape(r["codes"].shape), r["codes"]):
-            bad = int(np.sum(got.reshape(r["codes"].shape) != r["codes"]))
-            raise RuntimeError(f"layer {path}: {bad} weight code(s) differ from the learned ones after writing")
-        report["layers"][path] = {"mse_nearest": r["mse_nearest"], "mse_learned": r["mse_learned"],
-                                  "codes_changed": r["changed"], "seconds": time.perf_counter() - t1}
-        bar.update(1)
-    bar.close()
-    report["seconds"] = time.perf_counter() - t0
-    return report
+    return reconstruct(qnet, x, config or AdaRoundConfig(), layer_units, layers=layers, quiet=quiet,
+                       reference=reference, desc="adaround", fp32_drop=True)

@@ -100,17 +100,19 @@ def raw_input(qnet: gluon.HybridBlock, path: str, x: np.ndarray, batch_size: int
     return np.concatenate(got)
 
 
-def quantize_input(blk: Any, x: mx.nd.NDArray) -> mx.nd.NDArray:
+def quantize_input(blk: Any, x: mx.nd.NDArray, bounds: tuple[Any, Any] | None = None) -> mx.nd.NDArray:
     """``x`` as the quantized layer ``blk`` quantizes its input (its fused ReLU, its calibrated range and
-    grid), with the layer's own quantizer."""
+    grid), with the layer's own quantizer; ``bounds``: (lo, hi) NDArrays of shape (1,) in place of the range."""
     cfg = blk.layer_config
     if cfg.input_relu:
         x = mx.nd.relu(x)
     if cfg.input is None:
         return x
-    lo, hi = blk.input_range()
+    if bounds is None:
+        lo, hi = blk.input_range()
+        bounds = (mx.nd.array([lo]), mx.nd.array([hi]))
     p = {k: v.data() for k, v in blk._reg_params.items()}
-    return blk.quantizer.quantize_input(mx.nd, x, mx.nd.array([lo]), mx.nd.array([hi]), p)
+    return blk.quantizer.quantize_input(mx.nd, x, bounds[0], bounds[1], p)
 
 
 def simulated_input(qnet: gluon.HybridBlock, path: str, x: np.ndarray, batch_size: int = 128) -> np.ndarray:

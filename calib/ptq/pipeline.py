@@ -8,11 +8,11 @@ the simulated quantized accuracy) is at most ``target_drop`` is returned:
 3. ``adaround``: learned rounding on top of the better of 1 and 2 (with 2: CLE, calibration, AdaRound, then bias
    correction; AdaRound and bias correction both match the fp32 graph taken before either changed the floats);
 4. ``adaround+qdrop``: the same with QDrop's random dropping of input quantization;
-5. ``fallback:<n>``: the best learned-free pipeline (1 or 2) with the n most sensitive layers
+5. ``brecq``: block reconstruction with QDrop (``deployq.calib.ptq.brecq``) in place of AdaRound;
+6. ``fallback:<n>``: the best learned-free pipeline (1 or 2) with the n most sensitive layers
    (``deployq.sensitivity``'s ranking) in fp32, n = 1 .. ``max_fp32_layers``.
 
-Without a step that meets the target, the best net found is returned (``met`` False). Block reconstruction
-(BRECQ) is not among the steps yet.
+Without a step that meets the target, the best net found is returned (``met`` False).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from mxnet import gluon
 from deployq.progress import progress
 
 from .adaround import AdaRoundConfig
+from .brecq import BrecqConfig
 
 NetFactory = Callable[[], gluon.HybridBlock]
-STEPS = ("calibrate", "cle+bc", "adaround", "adaround+qdrop", "fallback")
+STEPS = ("calibrate", "cle+bc", "adaround", "adaround+qdrop", "brecq", "fallback")
 DEFAULT_METHODS = ("minmax", "kl", "aciq", "mse", "eq")
 LAYER_TYPES = ["Conv2D", "Dense"]
 
@@ -74,10 +75,13 @@ def _accuracy(net: gluon.HybridBlock, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def build(net: gluon.HybridBlock, xc: np.ndarray, profile: Any, config_list: list[dict[str, Any]] | None,
-          method: str, cle: bool = False, bc: bool = False, ada: AdaRoundConfig | None = None, quiet: bool = True
-          ) -> tuple[gluon.HybridBlock, dict[str, Any]]:
+          method: str, cle: bool = False, bc: bool = False, ada: AdaRoundConfig | None = None, quiet: bool = True,
+          brecq: BrecqConfig | None = None) -> tuple[gluon.HybridBlock, dict[str, Any]]:
     """One pipeline on fp32 ``net`` (quantized in place): quantize, [CLE], calibrate with ``method`` (and the
-    outputs' ranges), [AdaRound with ``ada``], [bias correction]; returns the net and what was done."""
+    outputs' ranges), [AdaRound with ``ada`` | block reconstruction with ``brecq``], [bias correction]; returns
+    the net and what was done."""
+    if ada is not None and brecq is not None:
+        raise ValueError("build: AdaRound (ada) or block reconstruction (brecq), not both")
     from deployq.calib import apply, calibrate
 
     import deployq
@@ -85,6 +89,7 @@ def build(net: gluon.HybridBlock, xc: np.ndarray, profile: Any, config_list: lis
 
     from .adaround import adaround
     from .biascorr import bias_correction
+    from .brecq import brecq as block_reconstruction
     from .cle import equalize
     from .layers import fp32_graph
 
@@ -95,12 +100,32 @@ def build(net: gluon.HybridBlock, xc: np.ndarray, profile: Any, config_list: lis
     apply(net, calibrate(net, xc, method=method, profile=profile, quiet=True))
     calibrate_outputs(net, xc)
     # both passes change the stored floats (the float graph too): each matches the fp32 net as it was before them
-    ref = fp32_graph(net, xc.shape[1:]) if bc or ada is not None else None
+    ref = fp32_graph(net, xc.shape[1:]) if bc or ada is not None or brecq is not None else None
     if ada is not None:
         detail["adaround_seconds"] = adaround(net, xc, ada, quiet=quiet, reference=ref)["seconds"]
+    if brecq is not None:
+        rep = block_reconstruction(net, xc, brecq, quiet=quiet, reference=ref)
+        detail["brecq_seconds"], detail["brecq_blocks"] = rep["seconds"], len(rep["units"])
     if bc:
         bias_correction(net, xc, reference=ref)
     return net, detail
+
+
+def rank_layers(make_net: NetFactory, x_calib: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, profile: Any,
+                config_list: list[dict[str, Any]]) -> list[str]:
+    """The quantized layers, most sensitive first, as ``deployq sensitivity`` ranks them (the logits' SQNR
+    against fp32 with only that layer quantized; min-max input ranges), but on this run's profile and config
+    list (the layer at the bits the config gives it; ``deployq.sensitivity.analyse`` ranks at the profile's
+    default bits)."""
+    import deployq
+    from deployq.sensitivity import _Evaluator
+
+    ev = _Evaluator(make_net, x_calib, x_val, y_val, profile)
+    probe = deployq.quantize(make_net(), config_list, profile=profile)
+    names = [k for k in deployq.quant_layers(probe) if k in ev.ranges]
+    sqnr = {k: ev.score([*config_list, {"op_names": [o for o in names if o != k], "exclude": True}])["sqnr_db"]
+            if len(names) > 1 else 0.0 for k in names}
+    return sorted(names, key=lambda k: sqnr[k])
 
 
 class _Pipeline:
@@ -110,21 +135,24 @@ class _Pipeline:
         self.config_list = config_list
 
     def build(self, method: str, cle: bool = False, bc: bool = False, ada: AdaRoundConfig | None = None,
-              config_list: list[dict[str, Any]] | None = None) -> tuple[gluon.HybridBlock, dict[str, Any]]:
+              config_list: list[dict[str, Any]] | None = None, brecq: BrecqConfig | None = None
+              ) -> tuple[gluon.HybridBlock, dict[str, Any]]:
         return build(self.make_net(), self.xc, self.profile, config_list or self.config_list, method, cle, bc, ada,
-                     self.quiet)
+                     self.quiet, brecq)
 
 
 def optimize(make_net: NetFactory, x_calib: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
              target_drop: float = 0.01, profile: Any = "ncnn", config_list: list[dict[str, Any]] | None = None,
              methods: tuple[str, ...] = DEFAULT_METHODS, steps: tuple[str, ...] = STEPS,
              adaround_config: AdaRoundConfig | None = None, qdrop: float = 0.5, max_fp32_layers: int = 4,
-             quiet: bool = False, on_step: Callable[[StepResult], None] | None = None) -> OptimizeResult:
+             quiet: bool = False, on_step: Callable[[StepResult], None] | None = None,
+             brecq_config: BrecqConfig | None = None) -> OptimizeResult:
     """Run the steps of the module docstring until one meets ``target_drop`` (a share: 0.01 = 1 point).
 
     ``make_net`` returns a fresh fp32 net (each step quantizes its own); ``x_calib``: calibration images (also
     AdaRound's), ``x_val``/``y_val``: validation images and labels; ``config_list``/``profile`` as
-    ``deployq.quantize``; ``steps``: a subset of :data:`STEPS`; ``on_step`` is called with each scored step."""
+    ``deployq.quantize``; ``steps``: a subset of :data:`STEPS`; ``on_step`` is called with each scored step;
+    ``brecq_config``: the brecq step's (default: ``adaround_config``'s values with QDrop ``qdrop``)."""
     from deployq.api import quant_layers
 
     unknown = [s for s in steps if s not in STEPS]
@@ -185,12 +213,14 @@ def optimize(make_net: NetFactory, x_calib: np.ndarray, x_val: np.ndarray, y_val
                                                      replace(ada, qdrop=qdrop)),
                  method=plain["method"], cle=plain["cle"]):
             return done()
+    if "brecq" in steps:
+        bq = brecq_config or BrecqConfig(**{**vars(ada), "qdrop": qdrop})
+        if score("brecq", lambda: pipe.build(plain["method"], plain["cle"], plain["cle"], brecq=bq),
+                 method=plain["method"], cle=plain["cle"]):
+            return done()
     if "fallback" in steps and max_fp32_layers > 0:
-        from deployq.sensitivity import analyse
-
-        rep = analyse(make_net, x_calib, x_val, y_val, profile=profile if isinstance(profile, str) else "ncnn")
-        ranked = [r["layer"] for r in rep["layers"]]
         base = config_list or [{"op_types": LAYER_TYPES}]
+        ranked = rank_layers(make_net, x_calib, x_val, y_val, profile, base)
         names = list(quant_layers(best["net"]))
         kept: list[str] = []
         for layer in [k for k in ranked if k in names][:max_fp32_layers]:
