@@ -13,6 +13,12 @@ their own ``DequantizeLinear``: what onnxruntime's fused QLinearConv/QGemm add (
 quantize a float bias that way themselves). Nodes without records stay fp32, and ``quantize=False`` gives the
 plain fp32 model from the same code path.
 
+4-bit grids (``int4``, default: whenever a record has 4 bits or fewer, e.g. the ``custom`` profile with
+``quant_bits`` 4) use ONNX's 4-bit types: weight codes become ``INT4`` initializers (two codes per byte, the first
+in the low nibble, as ONNX packs them) with an ``INT4`` zero point, and 4-bit activation grids ``UINT4``/``INT4``
+zero points, so that ``QuantizeLinear`` saturates at the grid's own ends ([0, 15], [-8, 7]) as the simulation
+clamps. Those types need opset 21 and IR version 10; exports without 4-bit grids stay opset 13, IR 8, int8/uint8.
+
 Lowering is a registry (:data:`HANDLERS`, op -> function). Handlers *declare* what they need from the
 emitter (``ctx.act_input``, ``ctx.weight``, ``ctx.const``) and the emitter writes the nodes.
 """
@@ -33,6 +39,7 @@ from deployq.exporters.onnx.registry import HANDLERS, handles
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 13
+OPSET_INT4 = 21  # INT4/UINT4 in QuantizeLinear/DequantizeLinear
 BATCH_DIM = "N"
 
 
@@ -45,8 +52,8 @@ class OnnxContext:
     """The model under construction: nodes, initializers and the QDQ pairs already emitted (shared per
     tensor and grid so that two layers reading one tensor on one grid share one QuantizeLinear)."""
 
-    def __init__(self, g: Graph, quantize: bool, int32_bias: bool = False) -> None:
-        self.g, self.quantize, self.int32_bias = g, quantize, int32_bias
+    def __init__(self, g: Graph, quantize: bool, int32_bias: bool = False, int4: bool = False) -> None:
+        self.g, self.quantize, self.int32_bias, self.int4 = g, quantize, int32_bias, int4
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self._qdq: dict[tuple[str, float, int, bool], str] = {}  # (tensor, grid) -> its codes
@@ -72,6 +79,12 @@ class OnnxContext:
             # pooling (QLinearAdd, QLinearGlobalAveragePool) only with scalar scales and zero points
             a = np.asarray(arr)
             self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(a) if a.ndim else a, name)
+        return name
+
+    def const4(self, name: str, arr: np.ndarray, signed: bool) -> str:
+        """A 4-bit integer initializer (INT4 when ``signed``, else UINT4), packed as ONNX packs them."""
+        if name not in self.inits:
+            self.inits[name] = pack_4bit(name, np.asarray(arr), signed)
         return name
 
     def emit(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
@@ -107,7 +120,10 @@ class OnnxContext:
             raise ValueError(f"node {node.name}: activation grid [{iq.qmin}, {iq.qmax}] does not fit ONNX "
                              f"{np.dtype(dtype).name}")
         scale = self.const(f"{base}.step", np.array(iq.step, np.float32))
-        zp = self.const(f"{base}.zero_point", np.array(iq.zero_point, dtype))
+        if self.int4 and fits_4bit(iq.bits, iq.qmin, iq.qmax, iq.signed):
+            zp = self.const4(f"{base}.zero_point", np.array(iq.zero_point), iq.signed)
+        else:
+            zp = self.const(f"{base}.zero_point", np.array(iq.zero_point, dtype))
         self.emit("QuantizeLinear", [tensor, scale, zp], [base], name=f"{base}.QuantizeLinear")
         self.codes[base] = (grid_key(iq), scale, zp)
         return base
@@ -136,10 +152,14 @@ class OnnxContext:
             return self.const(key, self.g.params[key])
         if wq.qmin < -128 or wq.qmax > 127:
             raise ValueError(f"node {node.name}: weight grid [{wq.qmin}, {wq.qmax}] does not fit int8")
-        codes = self.const(f"{key}.codes", wq.codes.astype(np.int8).reshape(self.g.params[key].shape))
         step = weight_dq_step(wq)
         scale = self.const(f"{key}.step", step)
-        zp = self.const(f"{key}.zero_point", np.zeros(len(step), np.int8))
+        if self.int4 and fits_4bit(wq.bits, wq.qmin, wq.qmax, True):
+            codes = self.const4(f"{key}.codes", wq.codes.reshape(self.g.params[key].shape), True)
+            zp = self.const4(f"{key}.zero_point", np.zeros(len(step), np.int8), True)
+        else:
+            codes = self.const(f"{key}.codes", wq.codes.astype(np.int8).reshape(self.g.params[key].shape))
+            zp = self.const(f"{key}.zero_point", np.zeros(len(step), np.int8))
         out = f"{key}.dq"
         self.emit("DequantizeLinear", [codes, scale, zp], [out], name=f"{node.name}.weight.DequantizeLinear",
                   axis=0)
@@ -167,6 +187,38 @@ class OnnxContext:
         out = f"{key}.dq"
         self.emit("DequantizeLinear", ins, [out], name=f"{node.name}.bias.DequantizeLinear", axis=0)
         return [out]
+
+
+def fits_4bit(bits: int, qmin: int, qmax: int, signed: bool) -> bool:
+    """A grid of at most 4 bits whose codes fit ONNX's INT4 ([-8, 7], ``signed``) or UINT4 ([0, 15])."""
+    lo, hi = (-8, 7) if signed else (0, 15)
+    return bits <= 4 and lo <= qmin and qmax <= hi
+
+
+def has_4bit_grids(g: Graph) -> bool:
+    """Whether a quantization record of ``g`` is a 4-bit grid (what ``int4=None`` turns 4-bit types on for)."""
+    for n in g.nodes:
+        wq, grids = n.attrs.get("wq"), [n.attrs.get("iq"), n.attrs.get("oq")]
+        if wq is not None and fits_4bit(wq.bits, wq.qmin, wq.qmax, True):
+            return True
+        if any(q is not None and fits_4bit(q.bits, q.qmin, q.qmax, q.signed) for q in grids):
+            return True
+    return False
+
+
+def pack_4bit(name: str, codes: np.ndarray, signed: bool) -> onnx.TensorProto:
+    """ONNX's INT4/UINT4 tensor of integer ``codes``: two per byte in row-major order, element ``2k`` in the low
+    nibble of byte ``k``, ``2k+1`` in the high one, an odd count padded with a zero nibble (raw_data)."""
+    lo, hi = (-8, 7) if signed else (0, 15)
+    flat = np.asarray(codes).astype(np.int64).reshape(-1)
+    if flat.size and (flat.min() < lo or flat.max() > hi):
+        raise ValueError(f"{name}: codes in [{flat.min()}, {flat.max()}] do not fit {'INT4' if signed else 'UINT4'}")
+    nib = (flat & 0xF).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    packed = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, list(np.shape(codes)),
+                              packed.tobytes(), raw=True)
 
 
 def weight_dq_step(wq: WeightQuant) -> np.ndarray:
@@ -317,15 +369,21 @@ def _reshapes_on_codes(g: Graph) -> dict[str, Node]:
 
 
 def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str = "deployq",
-            int32_bias: bool = False) -> onnx.ModelProto:
+            int32_bias: bool = False, int4: bool | None = None) -> onnx.ModelProto:
     """The ONNX model of ``g`` (run ``passes.optimize`` first; quantization records from ``qattach``).
 
     The input keeps ``g.input_shape`` except a dynamic batch dimension ``N``; initializers are not graph
-    inputs. Raises ``UnsupportedOpError`` naming node and op for an op without a handler.
+    inputs. ``int4``: 4-bit grids in INT4/UINT4 (opset >= 21, IR 10); None: when ``g`` has 4-bit grids; False:
+    int8/uint8 containers (runtimes without 4-bit types; a 4-bit input grid's QuantizeLinear then saturates at the
+    container's ends, not the grid's, so values the simulation clamps pass through). Raises
+    ``UnsupportedOpError`` naming node and op for an op without a handler.
     """
     if opset < 13:
         raise ValueError(f"opset {opset}: deployq writes opset 13+ (per-channel DequantizeLinear needs 13)")
-    ctx = OnnxContext(g, quantize, int32_bias)
+    int4 = quantize and (has_4bit_grids(g) if int4 is None else int4)
+    if int4:
+        opset = max(opset, OPSET_INT4)
+    ctx = OnnxContext(g, quantize, int32_bias, int4)
     # quantized layer outputs: tensor -> (layer node, grid); consumers read the dequantized tensor instead
     oq = {n.attrs["oq_tensor"]: (n, n.attrs["oq"]) for n in g.nodes if quantize and "oq" in n.attrs}
     reshapes = _reshapes_on_codes(g) if quantize else {}
@@ -351,7 +409,7 @@ def to_onnx(g: Graph, quantize: bool = True, opset: int = OPSET, producer: str =
     outs = [helper.make_tensor_value_info(renamed.get(t, t), TensorProto.FLOAT, None) for t in g.outputs]
     graph = helper.make_graph(ctx.nodes, g.name, [inp], outs, initializer=list(ctx.inits.values()))
     model = helper.make_model(graph, producer_name=producer, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8  # onnxruntime >= 1.17 reads IR 8..10; 8 is the oldest with opset 13+ everywhere
+    model.ir_version = 10 if int4 else 8  # onnxruntime >= 1.17 reads IR 8..10; 8: the oldest with opset 13+; 10: INT4
     inferred = onnx.shape_inference.infer_shapes(model)
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
@@ -376,14 +434,15 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
                 input_shape: tuple[int, ...] | None = None, fp32: bool = True,
-                int32_bias: bool | None = None, preprocess: Any = None) -> dict[str, Path]:
+                int32_bias: bool | None = None, preprocess: Any = None, int4: bool | None = None) -> dict[str, Path]:
     """Export a deployq-quantized Gluon net to ``out_dir``: ``model.onnx`` (QDQ), ``model.fp32.onnx``,
     ``scales.json``, the saved quantized net ``qnet.params``/``qnet.deployq.json`` and the manifest.
 
     Layers the config list keeps in fp32 get no QDQ. ``int32_bias`` (default: the net's profile says
     ``"bias": "int32"``) writes the biases of quantized layers as int32 codes (see ``OnnxContext.bias``).
     ``preprocess`` (a :class:`deployq.preprocess.Preprocess`) is stated in the manifest and ``USAGE.txt``.
-    Re-running gives byte-identical files.
+    ``int4``: as :func:`to_onnx` (default: INT4/UINT4 for the net's 4-bit grids, opset 21). Re-running gives
+    byte-identical files.
     """
     import json
     import warnings
@@ -414,7 +473,7 @@ def export_qnet(qnet, out_dir: str | os.PathLike, model_name: str = "model",
     g = optimize(from_gluon(qnet, input_shape, name=model_name))
     gq = attach_qnet(g, qnet)
     files = {"model": "model.onnx", "scales": "scales.json", "qnet": "qnet"}
-    models = {"model": to_onnx(gq, quantize=True, int32_bias=int32_bias)}
+    models = {"model": to_onnx(gq, quantize=True, int32_bias=int32_bias, int4=int4)}
     if fp32:
         files["fp32"] = "model.fp32.onnx"
         models["fp32"] = to_onnx(g, quantize=False)
