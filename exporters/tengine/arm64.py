@@ -103,15 +103,16 @@ def arm64_problems(graph: Graph) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------ the emulated aarch64 runtime
 
-def find_arm_runner(env: Mapping[str, str] | None = None) -> tuple[list[str] | None, str]:
-    """The command prefix (qemu-aarch64 + ``$TENGINE_ARM_RUNNER``) that runs Tengine's aarch64 build, or
-    ``(None, why not)``."""
+def find_arm_runner(env: Mapping[str, str] | None = None, var: str = "TENGINE_ARM_RUNNER"
+                    ) -> tuple[list[str] | None, str]:
+    """The command prefix (qemu-aarch64 + the aarch64 runner ``$var`` names: Tengine's by default) that runs an
+    engine's aarch64 build, or ``(None, why not)``."""
     env = os.environ if env is None else env
-    runner = env.get("TENGINE_ARM_RUNNER")
+    runner = env.get(var)
     if not runner:
-        return None, "TENGINE_ARM_RUNNER not set (bash tests/engines/arm/build.sh prints it)"
+        return None, f"{var} not set (bash tests/engines/arm/build.sh prints it)"
     if not Path(runner).is_file():
-        return None, f"TENGINE_ARM_RUNNER={runner} does not exist"
+        return None, f"{var}={runner} does not exist"
     qemu = shutil.which("qemu-aarch64")
     if qemu is None:
         return None, "qemu-aarch64 not found (apt-get install qemu-user)"

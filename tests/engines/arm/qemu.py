@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-SYSROOT = "/usr/aarch64-linux-gnu"
+from deployq.exporters.tengine.arm64 import find_arm_runner
 
 
 def find_runner(var: str = "NCNN_ARM_RUNNER") -> tuple[list[str] | None, str]:
     """The command prefix that runs the aarch64 runner ``$var`` names (qemu + runner), or None and why not."""
-    runner = os.environ.get(var)
-    if not runner:
-        return None, f"{var} not set (bash tests/engines/arm/build.sh prints it)"
-    if not Path(runner).is_file():
-        return None, f"{var}={runner} does not exist"
-    qemu = shutil.which("qemu-aarch64")
-    if qemu is None:
-        return None, "qemu-aarch64 not found (apt-get install qemu-user)"
-    return [qemu, "-L", SYSROOT, runner], ""
+    return find_arm_runner(var=var)
 
 
 def write_images(x: np.ndarray, path: Path) -> None:
