@@ -29,6 +29,13 @@ TOOLS = ("caffe2ncnn", "ncnn2table", "ncnn2int8")
 METHODS = ("aciq", "kl", "eq")
 
 
+def fidelity(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """How close int8 ``logits`` are to the fp32 net's ``ref``: top-1 agreement and the logits' SQNR (dB)."""
+    err = float(np.sum((logits.astype(np.float64) - ref) ** 2))
+    return {"fp32_agreement": float(np.mean(logits.argmax(1) == ref.argmax(1))),
+            "sqnr_db": float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(err, 1e-30)))}
+
+
 def tools_missing() -> str | None:
     """Why ncnn's tools cannot run here (None when they can)."""
     b = os.environ.get("NCNN_BIN")
@@ -51,8 +58,9 @@ def _failure(r: subprocess.CompletedProcess) -> str:
 
 def ncnn2table_rows(name: str, xc: np.ndarray, x: np.ndarray, y: np.ndarray,
                     methods: tuple[str, ...] = METHODS, threads: int = 1) -> dict[str, dict]:
-    """Top-1 on ``x``/``y`` in ncnn's runtime of ncnn2table's model for each method, calibrated on ``xc``;
-    also ``ncnn fp32`` (the converted fp32 model, no table). A failing tool gives ``accuracy`` None and ``error``."""
+    """Top-1 on ``x``/``y`` in ncnn's runtime of ncnn2table's model for each method, calibrated on ``xc``, and
+    its :func:`fidelity` to the converted fp32 model (``ncnn fp32``: no table, its top-1 too). A failing tool
+    gives ``accuracy`` None and ``error``."""
     from deployq.exporters.ncnn.export import export_qnet, minmax_calibrate
     from deployq.exporters.ncnn.runtime import run
 
@@ -71,8 +79,8 @@ def ncnn2table_rows(name: str, xc: np.ndarray, x: np.ndarray, y: np.ndarray,
                        check=True, capture_output=True)
         blob = _output_blob(Path(f"{fp}.param"))
         t = time.perf_counter()
-        out["ncnn fp32"] = {"accuracy": float(np.mean(run(f"{fp}.param", f"{fp}.bin", x, output_blob=blob)
-                                                       .argmax(1) == y)), "seconds": time.perf_counter() - t}
+        ref = run(f"{fp}.param", f"{fp}.bin", x, output_blob=blob)
+        out["ncnn fp32"] = {"accuracy": float(np.mean(ref.argmax(1) == y)), "seconds": time.perf_counter() - t}
         paths = []
         for i, img in enumerate(np.asarray(xc, np.float32)):
             paths.append(tmp / f"calib{i:04d}.npy")
@@ -97,5 +105,5 @@ def ncnn2table_rows(name: str, xc: np.ndarray, x: np.ndarray, y: np.ndarray,
                 continue
             logits = run(f"{q}.param", f"{q}.bin", x, output_blob=blob)
             out[f"ncnn2table {m}"] = {"accuracy": float(np.mean(logits.argmax(1) == y)),
-                                      "seconds": time.perf_counter() - t}
+                                      **fidelity(logits, ref), "seconds": time.perf_counter() - t}
     return out

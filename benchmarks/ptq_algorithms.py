@@ -9,17 +9,16 @@
 The fp32 models are deployq's built-in trainings (``deployq.zoo.get_trained``: SGD with cosine lr to the end of
 its schedule). Every row uses the same calibration images (class-balanced from MNIST-5k train, seed 0) and the
 same test images (class-balanced from MNIST-5k test). CLE+BC and the AdaRound rows calibrate with
-``--base-method`` (mse). BRECQ (block reconstruction) is not implemented (row printed as n/a).
+``--base-method`` (mse); BRECQ / QDrop (block): ``calib/ptq/brecq.py``, iterations per block.
 
 Peer rows (ncnn8 / ncnn6, ``--no-peers`` to leave them out): ncnn's own ``ncnn2table`` (aciq, kl, eq) on the same
 fp32 net and calibration tensors, ``ncnn2int8``, ncnn's runtime (``ncnn2table_peer.py``; skipped with the reason
 printed when ``NCNN_BIN`` does not hold the tools). ncnn2table always gives 3x3 stride-1 convs 6-bit weights, so its
-rows are the same models under ncnn8 and ncnn6. Target (a) compares deployq's default pipeline (``kl``: ncnn2table's
-KL with deployq's clip guard, what ``deployq calibrate``/``export-ncnn`` do) with the best ncnn2table method.
+rows are the same models under ncnn8 and ncnn6. Target (a) compares deployq's default calibration
+(``deployq.calib.DEFAULT_METHOD``, mse: what ``deployq calibrate`` does) with the best ncnn2table method on this
+one draw; ``calib_draws.py`` repeats it over 8 draws.
 
-``--resnet18-timing``: AdaRound's cost on resnet18_v1 at 224x224 (random weights; cost does not depend on
-them): a reduced run (few iterations on every layer), extrapolated to 512 calibration images and
-``--iters`` iterations per layer.
+Wall time at resnet18_v1 224x224: ``benchmarks/ptq_time.py``.
 
 Usage: ``python benchmarks/ptq_algorithms.py [--models resnet20 ...] [--iters 200] [--calib 128] [--test 1000]``
 """
@@ -34,6 +33,7 @@ import time
 
 import ncnn2table_peer
 import numpy as np
+from deployq.calib import DEFAULT_METHOD
 from deployq.calib.ptq import AdaRoundConfig
 from deployq.calib.ptq.pipeline import build
 
@@ -166,31 +166,6 @@ def peer_rows(name: str, xc: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[s
     return _PEERS[name]
 
 
-def resnet18_timing(iters: int, images: int = 512, probe_images: int = 32, probe_iters: int = 4) -> dict:
-    """AdaRound on resnet18_v1 224x224: per layer, the seconds per iteration (batch 32) and the per-layer
-    overhead (fp32 tensors, simulated input) on ``probe_images``; extrapolated to ``images`` and ``iters``."""
-    import mxnet as mx
-    from deployq.calib.ptq import adaround
-
-    from deployq.layerwise import calibrate_minmax
-    from deployq.zoo import get_model
-
-    net = get_model("resnet18_v1", classes=1000)
-    net.initialize(mx.init.Xavier())
-    x = np.random.default_rng(0).normal(size=(probe_images, 3, 224, 224)).astype(np.float32)
-    net(mx.nd.array(x[:1]))
-    deployq.quantize(net, profile="ncnn")
-    calibrate_minmax(net, x)
-    r1 = adaround(net, x, AdaRoundConfig(iters=1, batch_size=32))
-    r2 = adaround(net, x, AdaRoundConfig(iters=1 + probe_iters, batch_size=32))
-    per_iter = sum(r2["layers"][k]["seconds"] - r1["layers"][k]["seconds"] for k in r1["layers"]) / probe_iters
-    overhead = r1["seconds"] - sum(v["seconds"] for v in r1["layers"].values())
-    est = per_iter * iters + overhead * images / probe_images
-    return {"layers": len(r1["layers"]), "seconds_per_iteration_all_layers": per_iter,
-            "overhead_seconds_at_probe": overhead, "probe_images": probe_images, "images": images,
-            "iters": iters, "estimated_seconds": est}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["mobilenet0.25", "resnet20"])
@@ -199,7 +174,6 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128, help="calibration images")
     ap.add_argument("--test", type=int, default=1000, help="test images")
     ap.add_argument("--base-method", default="mse")
-    ap.add_argument("--resnet18-timing", action="store_true")
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="leave out the ncnn2table rows")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--rows", nargs="*", default=None,
@@ -222,8 +196,6 @@ def main() -> None:
                 res["models"][name]["settings"][s] = res["models"][name]["settings"]["ncnn8"]
                 continue
             res["models"][name]["settings"][s] = rows(name, s, xc, x, y, args)
-    if args.resnet18_timing:
-        res["resnet18_timing"] = resnet18_timing(args.iters)
     for path in args.update or []:
         with open(path) as f:
             old = json.load(f)
@@ -276,12 +248,6 @@ def print_table(res: dict) -> None:
                     print(f"  {s}: top-1 agreement with the simulation ({what}): min {min(ag):.4f} over {len(ag)} rows")
         for line in targets(m):
             print(f"  {line}")
-    if "resnet18_timing" in res:
-        t = res["resnet18_timing"]
-        print(f"\nresnet18_v1 224x224 AdaRound, {t['images']} images x {t['iters']} iterations/layer: estimated "
-              f"{t['estimated_seconds'] / 60:.1f} min ({t['layers']} layers, "
-              f"{t['seconds_per_iteration_all_layers']:.2f} s per iteration over all layers, measured on "
-              f"{t['probe_images']} images)")
 
 
 def targets(m: dict) -> list[str]:
@@ -298,11 +264,12 @@ def targets(m: dict) -> list[str]:
 
     peers = [(v["accuracy"], k) for k, v in st.get("ncnn8", st.get("ncnn6", {})).items()
              if k.startswith("ncnn2table") and v.get("accuracy") is not None]
-    if peers and acc("ncnn8", "kl") is not None:
-        p, d = max(peers), acc("ncnn8", "kl")
-        lines.append(f"(a) deployq default (kl) ncnn8 {d:.4f} vs best ncnn2table ({p[1]}) {p[0]:.4f}: "
-                     f"{d - p[0]:+.4f} -> {'met' if d >= p[0] else 'NOT met'}"
-                     + (f"; ncnn6 default {acc('ncnn6', 'kl'):.4f}" if acc("ncnn6", "kl") is not None else ""))
+    if peers and acc("ncnn8", DEFAULT_METHOD) is not None:
+        p, d = max(peers), acc("ncnn8", DEFAULT_METHOD)
+        d6 = acc("ncnn6", DEFAULT_METHOD)
+        lines.append(f"(a) deployq default ({DEFAULT_METHOD}) ncnn8 {d:.4f} vs best ncnn2table ({p[1]}) {p[0]:.4f}: "
+                     f"{d - p[0]:+.4f} -> {'met' if d >= p[0] else 'NOT met'} on this draw (over 8 draws: "
+                     "benchmarks/calib_draws.py)" + (f"; ncnn6 default {d6:.4f}" if d6 is not None else ""))
     if best("ncnn6"):
         b = best("ncnn6")
         lines.append(f"(b) ncnn6 best deployq ({b[1]}) {b[0]:.4f}, fp32 {fp:.4f}: {100 * (b[0] - fp):+.1f} pt -> "

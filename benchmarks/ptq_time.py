@@ -4,11 +4,16 @@ budget: 15 minutes with 512 calibration images on the 2 shared cores).
 The net has random weights (the cost does not depend on them); the calibration images are generated (smoothed
 noise, seed 0). The net is quantized for ``--profile`` (default ncnn), its input ranges calibrated with
 min-max, then AdaRound and BRECQ each run on a fresh copy at ``--iters`` iterations per layer / per block.
-Prints the wall seconds of each (and their phases: advancing the cached activations, the before/after MSE, the
-training), the process's CPU seconds (all threads: on an idle 2-core machine the wall time is about half of
-it), the machine load (``os.getloadavg``) before and after, and the cache dtype.
+Prints the wall seconds of each (and their phases: advancing the cached activations, the before/after MSE
+diagnostic (off here: 0), the training), the process's CPU seconds (all threads), the machine load
+(``os.getloadavg``) before and after, and the cache dtype. deployq runs MXNet on every usable core
+(``deployq.threads``; MXNet alone takes half of them).
 
-Usage: ``python benchmarks/ptq_time.py [--images 512] [--iters 100] [--size 224] [--only adaround|brecq]``
+With ``--time-budget S`` each pass gets S wall seconds (``AdaRoundConfig.time_budget``: every layer or block
+runs the iterations that fit, at most ``--iters``); the iterations each unit ran are printed.
+
+Usage: ``python benchmarks/ptq_time.py [--images 512] [--iters 100] [--size 224] [--only adaround|brecq]
+[--time-budget 900]``
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--profile", default="ncnn")
     ap.add_argument("--only", choices=("adaround", "brecq"), default=None)
+    ap.add_argument("--time-budget", type=float, default=None, help="wall seconds per pass (default: none)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     from deployq.calib.ptq import AdaRoundConfig, adaround
@@ -63,9 +69,12 @@ def main() -> None:
 
     x = images(args.images, args.size)
     results = {"images": args.images, "size": args.size, "iters": args.iters, "batch": args.batch,
-               "cores": os.cpu_count(), "runs": {}}
-    print(f"resnet18_v1 {args.size}x{args.size}, {args.images} images, {args.iters} iterations, batch "
-          f"{args.batch}, {os.cpu_count()} cores; {load()}", flush=True)
+               "cores": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+               "time_budget": args.time_budget, "runs": {}}
+    cap = f" at most, budget {args.time_budget:g} s" if args.time_budget else ""
+    print(f"resnet18_v1 {args.size}x{args.size}, {args.images} images, {args.iters} iterations{cap}, batch "
+          f"{args.batch}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; {load()}",
+          flush=True)
     for name in ("adaround", "brecq"):
         if args.only and name != args.only:
             continue
@@ -76,19 +85,22 @@ def main() -> None:
         before = load()
         t, c = time.perf_counter(), time.process_time()
         if name == "adaround":
-            rep = adaround(net, x, AdaRoundConfig(iters=args.iters, batch_size=args.batch), quiet=False)
+            rep = adaround(net, x, AdaRoundConfig(iters=args.iters, batch_size=args.batch,
+                                                  time_budget=args.time_budget), quiet=False)
         else:
-            rep = brecq(net, x, BrecqConfig(iters=args.iters, batch_size=args.batch), quiet=False)
+            rep = brecq(net, x, BrecqConfig(iters=args.iters, batch_size=args.batch, time_budget=args.time_budget),
+                        quiet=False)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         ph = rep["phase_seconds"]
-        row = {"seconds": wall, "cpu_seconds": cpu, "phases": ph, "units": len(rep["units"]),
+        its = [u["iters"] for u in rep["units"]]
+        row = {"seconds": wall, "cpu_seconds": cpu, "phases": ph, "units": len(rep["units"]), "iters": its,
                "cache_dtype": rep["cache_dtype"],
                "load_before": before, "load_after": load(), "calibration_seconds": cal}
         results["runs"][name] = row
         print(f"{name:<9} {wall:7.1f} s wall ({wall / 60:.1f} min), {cpu:.1f} s CPU (all threads) for "
               f"{len(rep['units'])} units: advance "
               f"{ph['advance']:.1f} s, mse {ph['mse']:.1f} s, train {ph['train']:.1f} s; cache "
-              f"{rep['cache_dtype']}; {before} -> {row['load_after']}", flush=True)
+              f"{rep['cache_dtype']}; {before} -> {row['load_after']}; iterations per unit {its}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -17,7 +17,7 @@ from .. import __version__
 from ..data import class_balanced_subset
 from ..profiles import Profile, TensorGrid, load_profile
 from ..progress import progress
-from .base import CalibrationError, Calibrator, get_calibrator, pow2_range
+from .base import DEFAULT_METHOD, CalibrationError, Calibrator, get_calibrator, pow2_range
 from .collect import ActivationTap, trace
 from .histogram import abs_histogram
 from .scalefile import ScaleFile, ScaleFileError, StreamHash, TensorRange
@@ -224,7 +224,7 @@ class BatchInput:
         return nd
 
 
-def calibrate(net: gluon.HybridBlock, data: Any, method: str = "kl", profile: str | Profile = "ncnn",
+def calibrate(net: gluon.HybridBlock, data: Any, method: str = DEFAULT_METHOD, profile: str | Profile = "ncnn",
               num_batches: int | None = None, quiet: bool = False, *, batch_size: int = 64,
               model_name: str | None = None, warn_clip_share: float = WARN_CLIP_SHARE,
               warn_threshold_ratio: float = WARN_THRESHOLD_RATIO, zero_threshold: float | None = None,

@@ -18,7 +18,7 @@ from ..errors import DeployqError, UsageError
 from ..images import add_data_arguments, open_data
 from ..modelargs import add_model_arguments, load_model
 from .api import CalibrationWarning
-from .base import CALIBRATORS
+from .base import CALIBRATORS, DEFAULT_METHOD
 
 #: method -> the method options it takes (CLI dest names)
 METHOD_OPTIONS = {"minmax": (), "ema": ("momentum", "passes"), "kl": ("bins", "clip_guard", "one_pass"),
@@ -41,7 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                                     "preprocessed NxCxHxW 'x' (+ 'y'), or builtin (MNIST-5k train; the built-in "
                                     "models' default). Required for any other model")
     preprocess.add_arguments(p)
-    p.add_argument("--method", default="kl", choices=sorted(CALIBRATORS))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(CALIBRATORS),
+                   help=f"calibration method (default {DEFAULT_METHOD}: per tensor the threshold of least squared "
+                        "error; kl: ncnn2table's KL with deployq's clip guard; aciq, eq: ncnn2table's others)")
     p.add_argument("--profile", default=None,
                    help="engine profile (default: the quantized net's, else ncnn)")
     p.add_argument("--num-sample", type=int, default=None,

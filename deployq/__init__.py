@@ -4,6 +4,10 @@ __version__ = "0.1.0"
 
 import warnings as _warnings
 
+from .threads import default_threads as _default_threads
+
+_default_threads()  # before MXNet loads: its operators on every usable core (deployq.threads)
+
 # A quantized net's fp32 graph (deployq.float_mode) does not use the quantizers' state, and its quantized graph
 # does not use the folded BatchNorms' statistics: Gluon's "not used by any computation" notes are expected.
 _warnings.filterwarnings("ignore", message=r"Parameter .* is not used by any computation", category=UserWarning)

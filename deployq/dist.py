@@ -41,6 +41,7 @@ from mxnet import gluon
 
 from .api import Trainer, output_quantizers, quant_layers
 from .errors import UsageError
+from .threads import worker_threads
 
 KVSTORES = ("local", "device", "dist_sync", "dist_device_sync")
 #: exit code of a worker that lost its peers (a worker, server or the scheduler died or hangs) and of the
@@ -393,9 +394,10 @@ def start_nodes(num_workers: int, num_servers: int, worker_cmd: Sequence[str], e
         for i in range(num_servers):
             cluster.procs.append(("server", i, subprocess.Popen(
                 node, env={**base, "DMLC_ROLE": "server", "OMP_NUM_THREADS": "1"}, **quiet)))
+        wenv = {**base, "DMLC_ROLE": "worker", "OMP_NUM_THREADS": (env or {}).get("OMP_NUM_THREADS")
+                                                       or worker_threads(num_workers)}
         for i in range(num_workers):
-            cluster.procs.append(("worker", i, subprocess.Popen(list(worker_cmd), env={**base, "DMLC_ROLE": "worker"},
-                                                                **popen)))
+            cluster.procs.append(("worker", i, subprocess.Popen(list(worker_cmd), env=wenv, **popen)))
     except BaseException:
         cluster.stop()
         raise

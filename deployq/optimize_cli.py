@@ -41,12 +41,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=256, help="at most this many calibration images")
     p.add_argument("--methods", default="minmax,kl,aciq,mse,eq", help="calibration methods, in the order tried")
     p.add_argument("--steps", default=None, help=_STEP_HELP)
-    p.add_argument("--adaround-iters", type=int, default=1000, help="AdaRound iterations per layer")
+    p.add_argument("--adaround-iters", type=int, default=1000, help="AdaRound iterations per layer (at most, "
+                                                                    "under --time-budget)")
     p.add_argument("--adaround-batch", type=int, default=32, help="AdaRound batch size")
     p.add_argument("--qdrop", type=float, default=0.5, help="QDrop probability of the adaround+qdrop and brecq "
                                                             "steps")
     p.add_argument("--brecq-iters", type=int, default=None, help="block reconstruction iterations per block "
                                                                 "(default: --adaround-iters)")
+    p.add_argument("--time-budget", type=float, default=15.0, metavar="MINUTES",
+                   help="wall minutes for each learned step (adaround, adaround+qdrop, brecq): each layer or block "
+                        "runs the iterations that fit, the same for all where the estimate holds, at most "
+                        "--adaround-iters/--brecq-iters, at least 10; 0: no budget, exactly those iterations "
+                        "(default 15)")
     p.add_argument("--block-layers", type=int, default=4, help="brecq: at most this many layers of a plain chain "
                                                                "per block")
     p.add_argument("--max-fp32-layers", type=int, default=4, help="fallback: at most this many fp32 layers")
@@ -92,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("images", "calib_images", "adaround_iters", "adaround_batch", "brecq_iters", "block_layers"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.time_budget < 0:
+        raise UsageError(f"--time-budget must be >= 0 minutes (0: no budget), got {args.time_budget:g}")
+    budget = args.time_budget * 60 if args.time_budget > 0 else None
     if not 0 <= args.qdrop < 1:
         raise UsageError(f"--qdrop must be in [0, 1), got {args.qdrop:g}")
     steps = tuple(s.strip() for s in args.steps.split(",")) if args.steps else STEPS
@@ -114,15 +123,18 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet and not args.json_out:
             from tqdm import tqdm
 
+            its = r.detail.get("iters")
+            its = "" if not its else f"  {min(its)}-{max(its)} it" if min(its) < max(its) else f"  {its[0]} it"
             tqdm.write(f"{r.step:<18} accuracy {r.accuracy:.4f}  drop {r.drop:+.4f}  gain {r.gain:+.4f}  "
-                       f"{r.seconds:6.1f}s  {'met' if r.met else ''}".rstrip(), file=sys.stderr)
+                       f"{r.seconds:6.1f}s{its}  {'met' if r.met else ''}".rstrip(), file=sys.stderr)
 
     try:
         res = optimize(make_net, xc, x, y, args.target_drop, prof, cfg, methods, steps,
-                       AdaRoundConfig(iters=args.adaround_iters, batch_size=args.adaround_batch), args.qdrop,
-                       args.max_fp32_layers, quiet=args.quiet, on_step=line,
+                       AdaRoundConfig(iters=args.adaround_iters, batch_size=args.adaround_batch, time_budget=budget),
+                       args.qdrop, args.max_fp32_layers, quiet=args.quiet, on_step=line,
                        brecq_config=BrecqConfig(iters=args.brecq_iters, batch_size=args.adaround_batch,
-                                                qdrop=args.qdrop, max_block_layers=args.block_layers))
+                                                qdrop=args.qdrop, max_block_layers=args.block_layers,
+                                                time_budget=budget))
     except ValueError as e:
         raise UsageError(str(e)) from None
     params, meta = save(res.net, args.out, m.name, preprocess=m.preprocess)

@@ -45,7 +45,9 @@ ZETA, GAMMA = 1.1, -0.1
 @dataclass(frozen=True)
 class AdaRoundConfig:
     """Iterations per layer, batch size, Adam learning rate on V, regulariser weight, beta schedule, warm-up
-    share of the iterations, QDrop probability and the random seed (batches, QDrop masks)."""
+    share of the iterations, QDrop probability and the random seed (batches, QDrop masks). ``time_budget``:
+    seconds for the whole pass; each unit then runs the iterations that fit, at most ``iters``
+    (``deployq.calib.ptq.budget``)."""
 
     iters: int = 1000
     batch_size: int = 32
@@ -55,12 +57,13 @@ class AdaRoundConfig:
     warmup: float = 0.2
     qdrop: float = 0.0
     seed: int = 0
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1 or self.lr <= 0 or self.reg < 0 or not 0 <= self.warmup < 1 \
-                or not 0 <= self.qdrop < 1:
+                or not 0 <= self.qdrop < 1 or (self.time_budget is not None and self.time_budget <= 0):
             raise ValueError(f"AdaRoundConfig: bad values {asdict(self)} (iters, batch_size >= 1; lr > 0; reg >= 0; "
-                             "warmup, qdrop in [0, 1))")
+                             "warmup, qdrop in [0, 1); time_budget > 0 seconds or None)")
 
 
 def rectified_sigmoid(F, v):
@@ -170,14 +173,16 @@ class Adam:
 
 
 def adaround(qnet: gluon.HybridBlock, x: np.ndarray, config: AdaRoundConfig | None = None,
-             layers: list[str] | None = None, quiet: bool = True, reference: Any = None) -> dict[str, Any]:
+             layers: list[str] | None = None, quiet: bool = True, reference: Any = None,
+             diagnose: bool = False) -> dict[str, Any]:
     """Learn the weight rounding of every quantized layer (or ``layers``) of ``qnet`` in place, in network order,
-    on calibration images ``x`` (the input ranges must be set: calibrate first). Returns per layer the output
-    MSE with nearest and learned rounding (on ``x``), the share of codes changed, and the seconds taken.
+    on calibration images ``x`` (the input ranges must be set: calibrate first). Returns per layer the share of
+    codes changed and the seconds taken; with ``diagnose``, also the output MSE with nearest and with learned
+    rounding (on ``x``; two extra passes per layer).
     ``reference``: the fp32 graph IR to reconstruct (default: the net's float graph now; pass the one taken
     before an earlier pass that changed the stored floats, such as bias correction). The activations are
     computed once, layer after layer (``deployq.calib.ptq.recon``)."""
     from .recon import layer_units, reconstruct
 
     return reconstruct(qnet, x, config or AdaRoundConfig(), layer_units, layers=layers, quiet=quiet,
-                       reference=reference, desc="adaround", fp32_drop=True)
+                       reference=reference, desc="adaround", fp32_drop=True, diagnose=diagnose)

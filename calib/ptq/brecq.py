@@ -43,13 +43,16 @@ class BrecqConfig(AdaRoundConfig):
 
 
 def brecq(qnet: gluon.HybridBlock, x: np.ndarray, config: BrecqConfig | None = None,
-          layers: list[str] | None = None, quiet: bool = True, reference: Any = None) -> dict[str, Any]:
+          layers: list[str] | None = None, quiet: bool = True, reference: Any = None,
+          diagnose: bool = False) -> dict[str, Any]:
     """Learn the rounding of the quantized layers (or ``layers``) of ``qnet`` block by block, in place, on
     calibration images ``x`` (calibrate the input ranges first). ``reference``: the fp32 graph IR to match
-    (default: the net's float graph now). Returns per block (``units``) and per layer the block output's MSE
-    over ``x`` with nearest and with learned rounding, the share of codes changed and the seconds taken."""
+    (default: the net's float graph now). Returns per block (``units``) and per layer the share of codes
+    changed and the seconds taken; with ``diagnose``, also the block output's MSE over ``x`` with nearest and
+    with learned rounding."""
     from .recon import block_units, reconstruct
 
     cfg = config or BrecqConfig()
     return reconstruct(qnet, x, cfg, block_units, layers=layers, quiet=quiet, reference=reference, desc="brecq",
-                       learn_ranges=cfg.learn_ranges, range_lr=cfg.range_lr, max_layers=cfg.max_block_layers)
+                       learn_ranges=cfg.learn_ranges, range_lr=cfg.range_lr, max_layers=cfg.max_block_layers,
+                       diagnose=diagnose)

@@ -102,10 +102,12 @@ def build(net: gluon.HybridBlock, xc: np.ndarray, profile: Any, config_list: lis
     # both passes change the stored floats (the float graph too): each matches the fp32 net as it was before them
     ref = fp32_graph(net, xc.shape[1:]) if bc or ada is not None or brecq is not None else None
     if ada is not None:
-        detail["adaround_seconds"] = adaround(net, xc, ada, quiet=quiet, reference=ref)["seconds"]
+        rep = adaround(net, xc, ada, quiet=quiet, reference=ref)
+        detail["adaround_seconds"], detail["iters"] = rep["seconds"], [u["iters"] for u in rep["units"]]
     if brecq is not None:
         rep = block_reconstruction(net, xc, brecq, quiet=quiet, reference=ref)
         detail["brecq_seconds"], detail["brecq_blocks"] = rep["seconds"], len(rep["units"])
+        detail["iters"] = [u["iters"] for u in rep["units"]]
     if bc:
         bias_correction(net, xc, reference=ref)
     return net, detail

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import mxnet as mx
@@ -25,6 +25,7 @@ from mxnet import autograd, gluon
 from deployq.progress import progress
 
 from .adaround import Adam, AdaRoundConfig, LayerRounding, beta_at, output_mse
+from .budget import Budget
 from .layers import activation_of, fp32_graph, imperative, layer_forward, quantize_input
 
 WEIGHTED = ("Convolution", "FullyConnected")
@@ -149,7 +150,7 @@ class NetWalk:
         self.q = quant_layers(qnet)
         self.oq = {g.resolve(o.tensor): o for o in output_quantizers(qnet).values()}
         self.uses = last_uses(g)
-        shapes = tensor_shapes(g, 1)
+        shapes = self.shapes = tensor_shapes(g, 1)
         peak = max(sum(int(np.prod(shapes[t])) for t in live_at(g, k, self.uses)) for k in range(len(g.nodes) + 1))
         # both paths, and the unit's target beside its inputs
         self.dtype = np.float32 if 4 * peak * len(x) * 3 <= cache_bytes else np.float16
@@ -334,13 +335,14 @@ def _unit_mse(walk: NetWalk, u: Unit, targets: dict[str, np.ndarray], weights: d
 def reconstruct(qnet: gluon.HybridBlock, x: np.ndarray, cfg: AdaRoundConfig, units_of: Callable[..., list[Unit]],
                 layers: list[str] | None = None, quiet: bool = True, reference: Any = None, desc: str = "",
                 fp32_drop: bool = False, learn_ranges: bool = False, range_lr: float = 1e-2,
-                cache_bytes: int = CACHE_BYTES, **unit_options: Any) -> dict[str, Any]:
+                cache_bytes: int = CACHE_BYTES, diagnose: bool = False, **unit_options: Any) -> dict[str, Any]:
     """Learn the rounding of the units ``units_of(graph, layers)`` of ``qnet`` in place (module docstring).
     ``fp32_drop``: QDrop replaces dropped inputs of a unit's first layer by the fp32 net's (AdaRound's layer-wise
     variant) instead of dropping the quantization of each layer's input inside the unit (QDrop's);
-    ``learn_ranges``: learn each layer's input range with its rounding (:class:`InputRange`). Returns per
-    layer (``layers``) and per unit (``units``) the output MSE over ``x`` (at most :data:`MSE_IMAGES`) with
-    nearest and learned rounding, and the seconds of each phase."""
+    ``learn_ranges``: learn each layer's input range with its rounding (:class:`InputRange`); ``diagnose``:
+    also measure each unit's output MSE over ``x`` (at most :data:`MSE_IMAGES`) with nearest and with learned
+    rounding (two extra passes per unit; None without). Returns per layer (``layers``) and per unit
+    (``units``) those MSEs, the share of codes changed, and the seconds of each phase."""
     from deployq.api import quant_layers
 
     x = np.asarray(x, np.float32)
@@ -354,9 +356,12 @@ def reconstruct(qnet: gluon.HybridBlock, x: np.ndarray, cfg: AdaRoundConfig, uni
                               "layers": {}, "units": []}
     t0 = time.perf_counter()
     phases = {"advance": 0.0, "mse": 0.0, "train": 0.0}
+    budget = None if cfg.time_budget is None else Budget(cfg.time_budget, cfg.iters)
     bar = progress(total=len(units), desc=desc + (" + qdrop" if cfg.qdrop else ""), disable=quiet)
     with imperative(qnet):  # the quantized layers called one by one (not as parts of a cached graph)
-        for u in units:
+        if budget is not None:
+            budget.probed([_probe(walk, u, q, cfg, learn_ranges, fp32_drop, range_lr) for u in units])
+        for k, u in enumerate(units):
             t1 = time.perf_counter()
             walk.advance("fp", u.start)
             walk.advance("q", u.start)
@@ -365,17 +370,22 @@ def reconstruct(qnet: gluon.HybridBlock, x: np.ndarray, cfg: AdaRoundConfig, uni
             targets = {t: walk.cache["fp"][t] for t in u.outputs}
             soft = {p: LayerRounding(q[p]) for p in u.layers}
             t2 = time.perf_counter()
-            before = _unit_mse(walk, u, targets, {p: Fixed(r.nearest_weight(), r.bias) for p, r in soft.items()})
+            before = _unit_mse(walk, u, targets, {p: Fixed(r.nearest_weight(), r.bias) for p, r in soft.items()}) \
+                if diagnose else None
             if learn_ranges:
                 walk.ranges = {p: InputRange(q[p]) for p in u.layers if InputRange.applies(q[p])}
             t3 = time.perf_counter()
-            _train(walk, u, soft, targets, fp_in, cfg, rng, range_lr)
+            if budget is not None:
+                budget.advanced(k, t2 - t1, first=True)
+            iters = cfg.iters if budget is None else budget.iters_for(k)
+            _train(walk, u, soft, targets, fp_in, replace(cfg, iters=iters), rng, range_lr)
             t4 = time.perf_counter()
-            after = _unit_mse(walk, u, targets, {p: Fixed(r.weight(hard=True), r.bias) for p, r in soft.items()})
+            after = _unit_mse(walk, u, targets, {p: Fixed(r.weight(hard=True), r.bias) for p, r in soft.items()}) \
+                if diagnose else None
             t5 = time.perf_counter()
             ranges = {p: r.write() for p, r in walk.ranges.items()}
             walk.ranges = {}
-            rep_u = {"layers": list(u.layers), "mse_nearest": before, "mse_learned": after,
+            rep_u = {"layers": list(u.layers), "iters": iters, "mse_nearest": before, "mse_learned": after,
                      "seconds": 0.0}
             for p, r in soft.items():
                 changed = r.changed()
@@ -384,7 +394,10 @@ def reconstruct(qnet: gluon.HybridBlock, x: np.ndarray, cfg: AdaRoundConfig, uni
                                        "block": u.outputs[0]}
                 if p in ranges:
                     report["layers"][p]["input_range"] = ranges[p]
+            t6 = time.perf_counter()
             walk.advance("q", u.stop)
+            if budget is not None:
+                budget.advanced(k, time.perf_counter() - t6, first=False)
             rep_u["seconds"] = time.perf_counter() - t1
             phases["advance"] += t2 - t1 + time.perf_counter() - t5
             phases["mse"] += t3 - t2 + t5 - t4
@@ -392,37 +405,78 @@ def reconstruct(qnet: gluon.HybridBlock, x: np.ndarray, cfg: AdaRoundConfig, uni
             for p in u.layers:
                 report["layers"][p]["seconds"] = rep_u["seconds"] / len(u.layers)
             report["units"].append(rep_u)
+            if budget is not None:
+                bar.set_postfix_str(f"{iters} iterations")
             bar.update(1)
     bar.close()
     report["seconds"] = time.perf_counter() - t0
     report["phase_seconds"] = phases
+    if budget is not None:
+        report["budget"] = budget.report()
     return report
 
 
 def _train(walk: NetWalk, u: Unit, soft: dict[str, LayerRounding], targets: dict[str, np.ndarray],
            fp_in: dict[str, np.ndarray] | None, cfg: AdaRoundConfig, rng: np.random.Generator,
            range_lr: float) -> None:
+    """Train the unit's rounding (and its layers' input ranges) for ``cfg.iters`` iterations."""
     q = walk.cache["q"]
-    opt = Adam([r.v for r in soft.values()], cfg.lr)
-    ropt = Adam([r.a for r in walk.ranges.values()], range_lr) if walk.ranges else None
+    step = _Step(walk, u, soft, cfg, rng, range_lr)
     n = walk.n
-
-    def drop(raw, xq):
-        mask = mx.nd.array(rng.random(raw.shape, dtype=np.float32) < cfg.qdrop)
-        return mx.nd.where(mask, raw, xq)
-
     for it in range(cfg.iters):
         idx = np.sort(rng.choice(n, min(cfg.batch_size, n), replace=False))
         feeds = {t: mx.nd.array(q[t][idx], dtype="float32") for t in u.inputs}
         tb = {t: mx.nd.array(v[idx], dtype="float32") for t, v in targets.items()}
         fpf = None if fp_in is None else {t: mx.nd.array(v[idx], dtype="float32") for t, v in fp_in.items()}
-        beta = beta_at(it, cfg)
+        step(feeds, tb, fpf, beta_at(it, cfg))
+    mx.nd.waitall()
+
+
+class _Step:
+    """One training iteration of a unit: forward with the soft rounding (QDrop's mixing), the loss against the
+    fp32 targets plus the rounding regulariser at ``beta``, backward, Adam on V (and the input ranges)."""
+
+    def __init__(self, walk: NetWalk, u: Unit, soft: dict[str, LayerRounding], cfg: AdaRoundConfig,
+                 rng: np.random.Generator, range_lr: float) -> None:
+        self.walk, self.u, self.soft, self.cfg, self.rng = walk, u, soft, cfg, rng
+        self.opt = Adam([r.v for r in soft.values()], cfg.lr)
+        self.ropt = Adam([r.a for r in walk.ranges.values()], range_lr) if walk.ranges else None
+
+    def drop(self, raw, xq):
+        mask = mx.nd.array(self.rng.random(raw.shape, dtype=np.float32) < self.cfg.qdrop)
+        return mx.nd.where(mask, raw, xq)
+
+    def __call__(self, feeds, tb, fpf, beta: float | None) -> None:
         with autograd.record(train_mode=False):
-            out = walk.forward(u, feeds, soft, drop if cfg.qdrop > 0 else None, fpf)
-            loss = mx.nd.add_n(*[output_mse(mx.nd, out[t], tb[t]) for t in u.outputs])
-            if beta is not None and cfg.reg > 0:
-                loss = loss + cfg.reg * mx.nd.add_n(*[r.penalty(beta) for r in soft.values()])
+            out = self.walk.forward(self.u, feeds, self.soft, self.drop if self.cfg.qdrop > 0 else None, fpf)
+            loss = mx.nd.add_n(*[output_mse(mx.nd, out[t], tb[t]) for t in self.u.outputs])
+            if beta is not None and self.cfg.reg > 0:
+                loss = loss + self.cfg.reg * mx.nd.add_n(*[r.penalty(beta) for r in self.soft.values()])
         loss.backward()
-        opt.step()
-        if ropt is not None:
-            ropt.step()
+        self.opt.step()
+        if self.ropt is not None:
+            self.ropt.step()
+
+
+def _probe(walk: NetWalk, u: Unit, q: dict[str, Any], cfg: AdaRoundConfig, learn_ranges: bool, fp32_drop: bool,
+           range_lr: float) -> float:
+    """Seconds of one training iteration of unit ``u`` (the second of two on zero inputs of its shapes, with
+    the regulariser on); nothing of the net or the walk changes."""
+    shapes = walk.shapes
+    b = min(cfg.batch_size, walk.n)
+    zeros = lambda ts: {t: mx.nd.zeros((b,) + tuple(shapes[t][1:])) for t in ts}  # noqa: E731
+    soft = {p: LayerRounding(q[p]) for p in u.layers}
+    if learn_ranges:
+        walk.ranges = {p: InputRange(q[p]) for p in u.layers if InputRange.applies(q[p])}
+    try:
+        step = _Step(walk, u, soft, cfg, np.random.default_rng(0), range_lr)
+        fpf = zeros(u.inputs) if fp32_drop and cfg.qdrop > 0 else None
+        feeds, tb = zeros(u.inputs), zeros(u.outputs)
+        step(feeds, tb, fpf, cfg.beta[0])
+        mx.nd.waitall()
+        t = time.perf_counter()
+        step(feeds, tb, fpf, cfg.beta[0])
+        mx.nd.waitall()
+        return time.perf_counter() - t
+    finally:
+        walk.ranges = {}

@@ -32,12 +32,20 @@ def _qnet(name: str, xc: np.ndarray, profile: str = "ncnn", cfg=None):
     return net
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet0.25"])
-def test_walk_computes_the_simulation(name, images):
+@pytest.mark.parametrize("name,profile", [("resnet20", "custom"), ("mobilenet0.25", "custom"),
+                                          ("resnet20", "tengine"), ("mobilenet0.25", "tengine"),
+                                          ("resnet20", "onnx")])
+def test_walk_computes_the_simulation(name, profile, images):
     """Advanced node by node with only the live tensors cached, the quantized path is the simulated net (its
-    logits bit for bit) and the fp32 path the float net."""
+    logits bit for bit; tengine and onnx: int32 biases, onnx's residual Adds with output quantizers) and the
+    fp32 path the float net."""
     xc, xt = images
-    net = _qnet(name, xc, "custom", W4A4)
+    net = _qnet(name, xc, profile, W4A4 if profile == "custom" else None)
+    if profile == "onnx":
+        from deployq.layerwise import calibrate_outputs
+
+        assert deployq.api.output_quantizers(net)  # the residual Adds' inputs: in the walk
+        calibrate_outputs(net, xc)
     g = fp32_graph(net, xt.shape[1:])
     walk = NetWalk(net, g, xt)
     walk.advance("q", len(g.nodes))
@@ -123,3 +131,33 @@ def test_brecq_config_rejects_bad_values():
         BrecqConfig(max_block_layers=0)
     with pytest.raises(ValueError, match="AdaRoundConfig"):
         BrecqConfig(qdrop=1.0)
+
+
+@pytest.mark.parametrize("profile,command", [("tengine", "export-tengine"), ("onnx", "export-onnx")])
+def test_brecq_net_with_int32_biases_exports_and_verifies(profile, command, images, tmp_path, capsys):
+    """BRECQ (QDrop, learned input ranges) under profiles with int32 biases (tengine, onnx) and output
+    quantizers (onnx: resnet20's residual Adds): the learned codes are what the exporter writes, and
+    ``deployq verify`` finds the engine (Tengine's runtime or its NumPy model; onnxruntime) computing the
+    simulation."""
+    import json
+
+    from deployq.calib.ptq.pipeline import build
+
+    from deployq.cli import main
+
+    xc, _ = images
+    net, detail = build(get_trained("resnet20", verbose=False), xc, profile, None, "kl",
+                        brecq=BrecqConfig(iters=8, batch_size=16))
+    assert detail["brecq_blocks"] == 11
+    if profile == "onnx":
+        assert deployq.api.output_quantizers(net)
+    learned = {p: weight_codes(b).copy() for p, b in deployq.quant_layers(net).items()}
+    deployq.save(net, tmp_path / "q", model_name="resnet20")
+    assert main([command, "--qnet", str(tmp_path / "q.params"), "--out", str(tmp_path / "out")]) == 0
+    again = deployq.load(tmp_path / "q")
+    for p, b in deployq.quant_layers(again).items():
+        np.testing.assert_array_equal(weight_codes(b), learned[p])
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "out"), "--limit", "64", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["passed"] and doc["agreement_sim"] == 1.0, doc

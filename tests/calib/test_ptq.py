@@ -169,7 +169,7 @@ def test_adaround_codes_stay_on_the_grid_and_export_unchanged(profile, layers, i
     grids = {p: weight_grid_step(q[p]) for p in layers}
     _, f = run_layers(net, xt, ["features.0"], fp32=True)
     _, before = run_layers(net, xt, ["features.0"])
-    rep = adaround(net, xc, AdaRoundConfig(iters=30, batch_size=16), layers=layers)
+    rep = adaround(net, xc, AdaRoundConfig(iters=30, batch_size=16), layers=layers, diagnose=True)
     _, gq = qnet_graphs(net, "resnet20")
     for p in layers:
         wf, s, qmin, qmax = grids[p]
@@ -193,7 +193,7 @@ def test_adaround_on_ncnn_depthwise_per_group_grid(images):
     q = deployq.quant_layers(net)
     dw = next(p for p, b in q.items() if b._groups > 1)
     wf, s, _, _ = weight_grid_step(q[dw])
-    rep = adaround(net, xc, AdaRoundConfig(iters=40, batch_size=16, qdrop=0.5), layers=[dw])
+    rep = adaround(net, xc, AdaRoundConfig(iters=40, batch_size=16, qdrop=0.5), layers=[dw], diagnose=True)
     from deployq.calib.ptq.layers import weight_codes
 
     assert _codes_on_grid(weight_codes(q[dw]).reshape(wf.shape), wf / np.where(s > 0, s, 1))
