@@ -8,7 +8,8 @@ the net, and the quantized net is advanced over the unit with its own layers (ex
 their input grids and ranges, int32 biases, output quantizers). So each activation is computed once per path;
 nothing re-runs the net's prefix. The caches are float32, or float16 where the live tensors of all images
 would take more than ``cache_bytes`` (then the stored quantized-path inputs differ from the simulation's by
-float16 rounding).
+float16 rounding). With ``time_budget`` in the config, each unit runs the iterations that fit
+(``deployq.calib.ptq.budget``).
 """
 
 from __future__ import annotations
@@ -460,23 +461,31 @@ class _Step:
 
 def _probe(walk: NetWalk, u: Unit, q: dict[str, Any], cfg: AdaRoundConfig, learn_ranges: bool, fp32_drop: bool,
            range_lr: float) -> float:
-    """Seconds of one training iteration of unit ``u`` (the second of two on zero inputs of its shapes, with
-    the regulariser on); nothing of the net or the walk changes."""
+    """Seconds of one training iteration of unit ``u``: the second of two on zero inputs of its shapes, each
+    with the batch drawn from cache-sized arrays of the cache's dtype and converted as :func:`_train` does,
+    the regulariser on; nothing of the net or the walk changes."""
     shapes = walk.shapes
     b = min(cfg.batch_size, walk.n)
-    zeros = lambda ts: {t: mx.nd.zeros((b,) + tuple(shapes[t][1:])) for t in ts}  # noqa: E731
+    rng = np.random.default_rng(0)
+    cache = {t: np.zeros((walk.n,) + tuple(shapes[t][1:]), walk.dtype) for t in (*u.inputs, *u.outputs)}
+
+    def batch(ts):
+        idx = np.sort(rng.choice(walk.n, b, replace=False))
+        return {t: mx.nd.array(cache[t][idx], dtype="float32") for t in ts}
+
     soft = {p: LayerRounding(q[p]) for p in u.layers}
     if learn_ranges:
         walk.ranges = {p: InputRange(q[p]) for p in u.layers if InputRange.applies(q[p])}
     try:
-        step = _Step(walk, u, soft, cfg, np.random.default_rng(0), range_lr)
-        fpf = zeros(u.inputs) if fp32_drop and cfg.qdrop > 0 else None
-        feeds, tb = zeros(u.inputs), zeros(u.outputs)
-        step(feeds, tb, fpf, cfg.beta[0])
-        mx.nd.waitall()
-        t = time.perf_counter()
-        step(feeds, tb, fpf, cfg.beta[0])
-        mx.nd.waitall()
-        return time.perf_counter() - t
+        step = _Step(walk, u, soft, cfg, rng, range_lr)
+        drop_feeds = fp32_drop and cfg.qdrop > 0
+        seconds = 0.0
+        for _ in range(2):
+            mx.nd.waitall()
+            t = time.perf_counter()
+            step(batch(u.inputs), batch(u.outputs), batch(u.inputs) if drop_feeds else None, cfg.beta[0])
+            mx.nd.waitall()
+            seconds = time.perf_counter() - t
+        return seconds
     finally:
         walk.ranges = {}
